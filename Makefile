@@ -1,0 +1,39 @@
+# The README's two commands: `make run` (the service) and `make test` (lint, types, tests).
+# Both create .venv and install the project first; re-running is fast when nothing changed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.embedserve-installed
+ARGS ?=
+
+.PHONY: setup run test lint format embed-sample clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/embedserve serve $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check service kernels bench tests
+	$(BIN)/ruff format --check service kernels bench tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest $(ARGS)
+
+format: setup
+	$(BIN)/ruff check --fix service kernels bench tests
+	$(BIN)/ruff format service kernels bench tests
+
+embed-sample: setup
+	$(BIN)/embedserve embed tests/data/oct-sample --out var/oct-sample.parquet
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,315 @@
+"""Configuration as data: one frozen, keyword-only dataclass per subsystem.
+
+Values come from, highest precedence first: command-line flags, `EMBEDSERVE_*` environment
+variables, a TOML file, the defaults below. Only entry points (the CLI) read flags and the
+environment; everything else receives a built `Config`.
+
+TOML layout: one table per section, e.g. `[decode] backend = "pillow"`; root keys such as
+`data_dir` at the top. Environment: `EMBEDSERVE_<SECTION>_<FIELD>` (`EMBEDSERVE_DECODE_BACKEND`,
+`EMBEDSERVE_ENGINE_BATCH_SIZE`) or `EMBEDSERVE_<FIELD>` for root keys (`EMBEDSERVE_DATA_DIR`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from service.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+DecodeBackend = Literal["auto", "dali", "torchvision", "pillow"]
+ResizePolicy = Literal["squash", "letterbox"]
+PadMode = Literal["zero", "white", "edge"]
+AmpDtype = Literal["float16", "bfloat16"]
+Optimize = Literal["auto", "none", "freeze", "compile"]
+
+ENV_PREFIX = "EMBEDSERVE_"
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}; pick one of those")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneConfig:
+    """Which model turns preprocessed images into embeddings, and how it runs."""
+
+    model: str = "efficientnet_lite0"
+    """`efficientnet_lite0` (1280-d), `efficientnet_lite2`, or `torchscript:PATH` for any TorchScript image model."""
+    device: Device = "auto"
+    """`cuda` when a GPU is present with `auto`; `cpu` always works."""
+    amp_dtype: AmpDtype = "float16"
+    """Autocast precision on CUDA; the CPU always runs float32."""
+    channels_last: bool = True
+    """Use channels_last memory format on CUDA (faster convolutions on tensor cores)."""
+    optimize: Optimize = "auto"
+    """`freeze` scripts and freezes the model (folds batch norm; about 2x on CPU), `compile` uses torch.compile
+    (faster still, but a minute of compilation per input shape), `none` runs eager; `auto` = freeze on CPU,
+    none on CUDA (AMP and channels_last do the work there)."""
+    warmup: bool = True
+    """Run a few forward passes at start so the first request does not pay for kernel selection."""
+    input_size: int = 0
+    """Square input size for TorchScript models without embedded metadata; 0 = the model's own (224 if unknown)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("backbone.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("backbone.amp_dtype", self.amp_dtype, ("float16", "bfloat16"))
+        _check_choice("backbone.optimize", self.optimize, ("auto", "none", "freeze", "compile"))
+        if not self.model:
+            raise ConfigError("backbone.model is empty; use efficientnet_lite0, efficientnet_lite2 or torchscript:PATH")
+        if self.input_size < 0:
+            raise ConfigError(f"backbone.input_size={self.input_size} must be 0 (model default) or a positive size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """How encoded bytes become pixel tensors."""
+
+    backend: DecodeBackend = "auto"
+    """`auto` picks DALI on a GPU, then torchvision nvJPEG, and Pillow on the CPU (fastest there)."""
+    max_pixels: int = 50_000_000
+    """Refuse images with more pixels than this (decompression-bomb guard)."""
+    resize: ResizePolicy = "squash"
+    """`squash` stretches to the model input; `letterbox` keeps the aspect ratio and pads."""
+    pad: PadMode = "zero"
+    """Padding for `letterbox`: black (`zero`), `white`, or the nearest border pixel (`edge`)."""
+    reduced_decode: bool = False
+    """Pillow only: decode JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling) when that still covers the input size.
+    Faster decode, slightly different pixels (cosine to a full decode >= 0.98 on OCT scans)."""
+    workers: int = 0
+    """Threads that decode in parallel with inference; 0 = one per CPU core."""
+
+    def __post_init__(self) -> None:
+        _check_choice("decode.backend", self.backend, ("auto", "dali", "torchvision", "pillow"))
+        _check_choice("decode.resize", self.resize, ("squash", "letterbox"))
+        _check_choice("decode.pad", self.pad, ("zero", "white", "edge"))
+        if self.max_pixels <= 0:
+            raise ConfigError(f"decode.max_pixels={self.max_pixels} must be positive (e.g. 50000000)")
+        if self.workers < 0:
+            raise ConfigError(f"decode.workers={self.workers} must be 0 (one per core) or a positive count")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """How the engine batches work for the backbone."""
+
+    batch_size: int = 64
+    """Images per forward pass."""
+    prefetch_batches: int = 2
+    """Batches decoded ahead of the forward pass (bounds memory held by decoded images)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"engine.batch_size={self.batch_size} must be positive (e.g. 64)")
+        if self.prefetch_batches <= 0:
+            raise ConfigError(f"engine.prefetch_batches={self.prefetch_batches} must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatcherConfig:
+    """The dynamic batcher shared by every request of the server."""
+
+    max_batch_size: int = 64
+    """Most images in one forward pass."""
+    max_queue_delay_ms: float = 5.0
+    """How long the first image of a batch waits for others before the batch runs anyway."""
+    max_queue_size: int = 1024
+    """Most images waiting; beyond it new requests are refused with RESOURCE_EXHAUSTED."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size <= 0:
+            raise ConfigError(f"batcher.max_batch_size={self.max_batch_size} must be positive (e.g. 64)")
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError(f"batcher.max_queue_delay_ms={self.max_queue_delay_ms} must be >= 0")
+        if self.max_queue_size < self.max_batch_size:
+            raise ConfigError(
+                f"batcher.max_queue_size={self.max_queue_size} must be at least max_batch_size={self.max_batch_size}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """The gRPC server and the metrics endpoint."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 127.0.0.1 keeps the server local."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus /metrics endpoint."""
+    metrics_port: int = 9464
+    """Port of /metrics; 0 picks a free one, -1 disables it."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest request or response; 64 MiB holds a batch of ~1,000 OCT scans."""
+    max_images_per_request: int = 1024
+    """More images than this in one request is INVALID_ARGUMENT."""
+    grace_seconds: float = 30.0
+    """On SIGTERM, how long in-flight calls may take to finish."""
+    tls_cert: str = ""
+    """PEM certificate file; with tls_key, serve TLS."""
+    tls_key: str = ""
+    """PEM private key file."""
+    auth_token: str = ""
+    """When set, every call must send `authorization: Bearer <token>`."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"server.port={self.port} must be 0..65535 (0 = any free port)")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"server.metrics_port={self.metrics_port} must be -1 (off), 0 (any) or a port")
+        if self.max_message_bytes < 1024 * 1024:
+            raise ConfigError(f"server.max_message_bytes={self.max_message_bytes} is below 1 MiB; raise it")
+        if self.max_images_per_request <= 0:
+            raise ConfigError(f"server.max_images_per_request={self.max_images_per_request} must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("server.tls_cert and server.tls_key must be given together")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything embedserve needs, one section per subsystem."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The model."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding and preprocessing."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Batching inside the engine (offline jobs)."""
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    """Dynamic batching across server requests."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The gRPC server."""
+    data_dir: str = "./var/embedserve"
+    """Where collections, logs and snapshots live."""
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Turn a TOML or environment value into the annotated type, with an error that names the key."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return str(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not a boolean; use true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{name}={value!r} must be an integer") from e
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{name}={value!r} must be a number") from e
+    if annotation is str:
+        return str(value)
+    if origin in (types.UnionType, typing.Union):
+        return value
+    return value
+
+
+def _build(cls: type[Any], values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {prefix}{key}; known: {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{key} must be a table of settings")
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, hint)
+    return cls(**kwargs)
+
+
+def _section_names() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    sections = _section_names()
+    root_fields = {f.name for f in dataclasses.fields(Config)} - set(sections)
+    values: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if rest in root_fields:
+            values[rest] = raw
+            continue
+        section, _, key = rest.partition("_")
+        if section in sections and key:
+            field_names = {f.name for f in dataclasses.fields(sections[section])}
+            if key not in field_names:
+                raise ConfigError(f"environment variable {name} names no setting; known in [{section}]: "
+                                  f"{', '.join(sorted(field_names))}")
+            values.setdefault(section, {})[key] = raw
+    return values
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _unflatten(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, dot, key = dotted.partition(".")
+        if dot:
+            nested.setdefault(section, {})[key] = value
+        else:
+            nested[section] = value
+    return nested
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a `Config` from a TOML file, the environment and flag overrides (`{"decode.backend": "pillow"}`).
+
+    Overrides whose value is None are ignored, so unset flags fall through to lower layers.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            with file.open("rb") as handle:
+                values = tomllib.load(handle)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {file} does not exist; pass an existing TOML file or none") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {file} is not valid TOML: {e}") from e
+    values = _merge(values, _from_env(env if env is not None else {}))
+    values = _merge(values, _unflatten(overrides or {}))
+    return _build(Config, values, "")

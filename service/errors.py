@@ -1,0 +1,53 @@
+"""The error hierarchy. Transport layers map these to status codes at the edge only."""
+
+from __future__ import annotations
+
+
+class EmbedServeError(Exception):
+    """Base class of every error embedserve raises on purpose."""
+
+
+class ConfigError(EmbedServeError, ValueError):
+    """A configuration value is invalid; the message says how to fix it."""
+
+
+class ImageError(EmbedServeError):
+    """One image could not be embedded. It fails alone; the rest of its batch goes on.
+
+    `reason` is a short machine-readable tag (stable, safe as a metric label), `message` the text
+    for a person.
+    """
+
+    reason: str = "invalid_image"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidImageError(ImageError):
+    """The bytes are empty, not an image, truncated or corrupt."""
+
+    reason = "invalid_image"
+
+
+class UnsupportedImageError(ImageError):
+    """The bytes are an image in a format or mode embedserve does not handle."""
+
+    reason = "unsupported_image"
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than `decode.max_pixels` allows (decompression-bomb guard)."""
+
+    reason = "image_too_large"
+
+
+class UnreadableImageError(ImageError):
+    """The image file could not be read (missing, permissions, I/O error)."""
+
+    reason = "unreadable"
+
+
+class ModelError(EmbedServeError):
+    """A backbone could not be built or loaded."""
