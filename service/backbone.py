@@ -107,6 +107,8 @@ class _MBConv(nn.Module):
         super().__init__()
         mid = in_ch * expand
         self.has_expand = expand != 1
+        self._expand_conv: nn.Module
+        self._bn0: nn.Module
         if self.has_expand:
             self._expand_conv = _SamePadConv2d(in_ch, mid, 1, bias=False)
             self._bn0 = nn.BatchNorm2d(mid, eps=_BN_EPS, momentum=_BN_MOMENTUM)
@@ -142,10 +144,12 @@ class EfficientNetLite(nn.Module):
         for i, stage in enumerate(_BASE_STAGES):
             in_ch = _STEM_CHANNELS if i == 0 else _round_channels(stage.in_ch, width)
             out_ch = _round_channels(stage.out_ch, width)
-            repeats = stage.repeats if i in (0, last) else int(math.ceil(depth * stage.repeats))
+            repeats = stage.repeats if i in (0, last) else math.ceil(depth * stage.repeats)
             for r in range(repeats):
                 blocks.append(
-                    _MBConv(in_ch if r == 0 else out_ch, out_ch, stage.kernel, stage.stride if r == 0 else 1, stage.expand)
+                    _MBConv(
+                        in_ch if r == 0 else out_ch, out_ch, stage.kernel, stage.stride if r == 0 else 1, stage.expand
+                    )
                 )
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = _SamePadConv2d(out_ch, _HEAD_CHANNELS, 1, bias=False)
@@ -249,8 +253,8 @@ def _load_torchscript(path: str, input_size: int) -> tuple[nn.Module, BackboneSp
         name=str(meta.get("name", f"torchscript:{file.name}")),
         input_size=size,
         embedding_dim=dim,
-        mean=tuple(meta.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
-        std=tuple(meta.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
+        mean=tuple(meta.get("mean", IMAGENET_MEAN)),
+        std=tuple(meta.get("std", IMAGENET_STD)),
     )
     return module, spec
 
@@ -408,7 +412,7 @@ def _optimized(module: nn.Module, optimize: str) -> Callable[[torch.Tensor], tor
             logger.warning("could not freeze the model (%s); running it unfrozen", e)
             return scripted
     if optimize == "compile":
-        return torch.compile(module)  # type: ignore[return-value]
+        return torch.compile(module)
     raise ModelError(f"unknown optimize mode {optimize!r}; use auto, none, freeze or compile")
 
 

@@ -71,13 +71,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
     with Engine.from_config(cfg) as engine:
         if not args.quiet:
             info = engine.info
-            print(f"model {info.backbone} ({info.embedding_dim}-d, {info.precision} on {info.device}), "
-                  f"decode {info.decode_backend}, batch {cfg.engine.batch_size}", file=sys.stderr)
+            print(
+                f"model {info.backbone} ({info.embedding_dim}-d, {info.precision} on {info.device}), "
+                f"decode {info.decode_backend}, batch {cfg.engine.batch_size}",
+                file=sys.stderr,
+            )
         try:
             summary = run_embed_job(engine, options)
         except KeyboardInterrupt:
-            print(f"interrupted: what was embedded is kept; re-run the same command to resume into {options.out}",
-                  file=sys.stderr)
+            print(
+                f"interrupted: what was embedded is kept; re-run the same command to resume into {options.out}",
+                file=sys.stderr,
+            )
             return EXIT_INTERRUPTED
     rate = summary.images_per_second
     print(
@@ -136,9 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("directory", help="directory to walk recursively")
     embed.add_argument("--out", required=True, help="Parquet file to write; re-running resumes it")
     embed.add_argument("--no-labels", action="store_true", help="leave `label` null instead of the parent folder")
-    embed.add_argument("--quiet", action="store_true", help="no progress bar (the summary and failures are still printed)")
     embed.add_argument(
-        "--part-rows", type=int, default=2048, help="rows per crash-safe part file: at most this many are lost to a kill"
+        "--quiet", action="store_true", help="no progress bar (the summary and failures are still printed)"
+    )
+    embed.add_argument(
+        "--part-rows",
+        type=int,
+        default=2048,
+        help="rows per crash-safe part file: at most this many are lost to a kill",
     )
     _add_engine_flags(embed)
     embed.set_defaults(func=cmd_embed)

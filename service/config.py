@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -219,8 +218,6 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{name}={value!r} must be a number") from e
     if annotation is str:
         return str(value)
-    if origin in (types.UnionType, typing.Union):
-        return value
     return value
 
 
@@ -261,8 +258,10 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if section in sections and key:
             field_names = {f.name for f in dataclasses.fields(sections[section])}
             if key not in field_names:
-                raise ConfigError(f"environment variable {name} names no setting; known in [{section}]: "
-                                  f"{', '.join(sorted(field_names))}")
+                raise ConfigError(
+                    f"environment variable {name} names no setting; known in [{section}]: "
+                    f"{', '.join(sorted(field_names))}"
+                )
             values.setdefault(section, {})[key] = raw
     return values
 

@@ -119,9 +119,7 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def decode_with_pillow(
-    data: bytes, header: ImageHeader, *, reduce_to: tuple[int, int] | None = None
-) -> torch.Tensor:
+def decode_with_pillow(data: bytes, header: ImageHeader, *, reduce_to: tuple[int, int] | None = None) -> torch.Tensor:
     """Decode one image with Pillow; `reduce_to` (h, w) lets a JPEG decode at a smaller DCT scale."""
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -191,7 +189,9 @@ class _ProbingDecoder:
         except ImageError as e:
             return e
 
-    def _isolate(self, datas: list[bytes], decode_batch: Callable[[list[bytes]], list[torch.Tensor]]) -> list[DecodeOutcome]:
+    def _isolate(
+        self, datas: list[bytes], decode_batch: Callable[[list[bytes]], list[torch.Tensor]]
+    ) -> list[DecodeOutcome]:
         """Decode as one batch; if the batch fails, decode one by one so only the bad images fail."""
         try:
             return list(decode_batch(datas))
@@ -300,9 +300,7 @@ class DaliDecoder(_ProbingDecoder):
         return tensors
 
 
-def create_decoder(
-    cfg: DecodeConfig, device: torch.device, executor: ThreadPoolExecutor, *, max_batch: int
-) -> Decoder:
+def create_decoder(cfg: DecodeConfig, device: torch.device, executor: ThreadPoolExecutor, *, max_batch: int) -> Decoder:
     """The configured backend, or with `auto` the first that works here: DALI, torchvision (GPU only), Pillow."""
     builders: dict[str, Callable[[], Decoder]] = {
         "dali": lambda: _checked(DaliDecoder(cfg, device, executor, max_batch)),

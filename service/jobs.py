@@ -291,7 +291,9 @@ def run_embed_job(engine: Embedder, options: EmbedJobOptions) -> JobSummary:
     items = find_images(root, labels=options.labels)
     todo = [item for item in items if item.key not in done]
     summary = JobSummary(found=len(items), already_done=len(items) - len(todo), out=out)
-    logger.info("%d images under %s, %d already in %s, %d to embed", len(items), root, summary.already_done, out, len(todo))
+    logger.info(
+        "%d images under %s, %d already in %s, %d to embed", len(items), root, summary.already_done, out, len(todo)
+    )
     writer = _PartWriter(out, schema, engine.info.embedding_dim)
     bar = tqdm(total=len(todo), unit="img", disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     try:

@@ -27,7 +27,11 @@ def test_embed_sample_writes_32_correct_rows(
     out = tmp_path / "x.parquet"
     proc = subprocess.run(
         [*CLI, "embed", str(oct_dir), "--out", str(out), "--batch-size", "16"],
-        env=_env(), capture_output=True, text=True, timeout=300, check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "32 embedded, 0 failed" in proc.stderr
@@ -49,7 +53,11 @@ def test_failed_images_set_the_exit_code(tmp_path: Path, oct_files: list[Path]) 
     out = tmp_path / "x.parquet"
     proc = subprocess.run(
         [*CLI, "embed", str(root), "--out", str(out), "--quiet"],
-        env=_env(), capture_output=True, text=True, timeout=300, check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 1
     assert "bad.jpeg: invalid_image" in proc.stderr
@@ -82,7 +90,11 @@ def test_killed_run_resumes_without_loss(tmp_path: Path, oct_dir: Path) -> None:
 def test_bad_directory_is_a_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [*CLI, "embed", str(tmp_path / "missing"), "--out", str(tmp_path / "x.parquet"), "--quiet"],
-        env=_env(), capture_output=True, text=True, timeout=300, check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 2
     assert "is not a directory" in proc.stderr

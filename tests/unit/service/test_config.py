@@ -19,7 +19,9 @@ def test_defaults() -> None:
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
     file = tmp_path / "embedserve.toml"
-    file.write_text('data_dir = "/from/file"\n[decode]\nresize = "letterbox"\npad = "white"\n[engine]\nbatch_size = 8\n')
+    file.write_text(
+        'data_dir = "/from/file"\n[decode]\nresize = "letterbox"\npad = "white"\n[engine]\nbatch_size = 8\n'
+    )
     env = {"EMBEDSERVE_DECODE_PAD": "edge", "EMBEDSERVE_ENGINE_BATCH_SIZE": "16", "EMBEDSERVE_DATA_DIR": "/from/env"}
     cfg = load_config(file, env=env, overrides={"engine.batch_size": 32, "decode.resize": None})
     assert cfg.decode.resize == "letterbox"  # file (flag unset)

@@ -62,7 +62,7 @@ def _cases() -> list[tuple[str, bytes, np.ndarray, float]]:
     rgb = _gradient_rgb()
     gray = rgb[..., 0]
     gray3 = np.repeat(gray[..., None], 3, axis=-1)
-    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 128, np.uint8)], axis=-1)
+    rgba = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 128, np.uint8)], axis=-1)
     rgb16 = rgb.astype(np.uint16) * 257
     gray16 = gray.astype(np.uint16) * 257
     cmyk = Image.fromarray(rgb).convert("CMYK")
@@ -103,7 +103,11 @@ def _bad_inputs() -> list[tuple[str, bytes, type[ImageError]]]:
         ("truncated-jpeg", good[: len(good) // 2], InvalidImageError),
         ("corrupt-jpeg", good[:2] + bytes(range(256)) * 8, InvalidImageError),
         ("zero-size-png", _png(np.zeros((1, 1), np.uint8), color_type=0, bit_depth=8, width=0), InvalidImageError),
-        ("bomb-png", _png(np.zeros((1, 1), np.uint8), color_type=0, bit_depth=8, width=200_000_000), ImageTooLargeError),
+        (
+            "bomb-png",
+            _png(np.zeros((1, 1), np.uint8), color_type=0, bit_depth=8, width=200_000_000),
+            ImageTooLargeError,
+        ),
     ]
 
 

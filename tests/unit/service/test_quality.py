@@ -38,8 +38,10 @@ def test_lite0_beats_raw_pixels_on_real_oct(
     oct_embeddings: np.ndarray, oct_files: list[Path], oct_labels: list[str]
 ) -> None:
     raw = np.stack(
-        [np.asarray(Image.open(f).convert("L").resize((64, 64), Image.Resampling.BILINEAR), np.float32).ravel() / 255
-         for f in oct_files]
+        [
+            np.asarray(Image.open(f).convert("L").resize((64, 64), Image.Resampling.BILINEAR), np.float32).ravel() / 255
+            for f in oct_files
+        ]
     )
     raw = PCA(n_components=16, random_state=0).fit_transform(raw)
     raw_acc = _kmeans_accuracy(raw, oct_labels)
