@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.embedserve-installed
 ARGS ?=
 
-.PHONY: setup run test lint format embed-sample clean
+.PHONY: setup run test lint format embed-sample proto clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ test: lint
 format: setup
 	$(BIN)/ruff check --fix service kernels bench tests
 	$(BIN)/ruff format service kernels bench tests
+
+proto: setup
+	$(BIN)/python -m service.protos
 
 embed-sample: setup
 	$(BIN)/embedserve embed tests/data/oct-sample --out var/oct-sample.parquet

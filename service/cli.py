@@ -9,11 +9,15 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import service
 from service.config import Config, load_config
 from service.errors import EmbedServeError
+
+if TYPE_CHECKING:
+    from service.engine import ModelInfo
+    from service.jobs import EmbedJobOptions, JobSummary
 
 logger = logging.getLogger("embedserve")
 
@@ -55,10 +59,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from service.engine import Engine
-    from service.jobs import EmbedJobOptions, run_embed_job
+    from service.jobs import EmbedJobOptions
 
-    cfg = _config(args, _engine_overrides(args))
     options = EmbedJobOptions(
         root=Path(args.directory),
         out=Path(args.out),
@@ -68,22 +70,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     # A plain `kill` should stop as cleanly as Ctrl-C: flush what was embedded, leave a resumable output.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    with Engine.from_config(cfg) as engine:
-        if not args.quiet:
-            info = engine.info
-            print(
-                f"model {info.backbone} ({info.embedding_dim}-d, {info.precision} on {info.device}), "
-                f"decode {info.decode_backend}, batch {cfg.engine.batch_size}",
-                file=sys.stderr,
-            )
-        try:
-            summary = run_embed_job(engine, options)
-        except KeyboardInterrupt:
-            print(
-                f"interrupted: what was embedded is kept; re-run the same command to resume into {options.out}",
-                file=sys.stderr,
-            )
-            return EXIT_INTERRUPTED
+    try:
+        summary = _embed_remote(args, options) if args.server else _embed_local(args, options)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: what was embedded is kept; re-run the same command to resume into {options.out}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     rate = summary.images_per_second
     print(
         f"{summary.embedded} embedded, {summary.failed} failed, {summary.already_done} already in {options.out} "
@@ -98,6 +92,36 @@ def cmd_embed(args: argparse.Namespace) -> int:
             print(f"  ... and {summary.failed - 10} more", file=sys.stderr)
         return EXIT_IMAGES_FAILED
     return EXIT_OK
+
+
+def _describe(info: ModelInfo, batch_size: int, quiet: bool, where: str) -> None:
+    if not quiet:
+        print(
+            f"model {info.backbone} ({info.embedding_dim}-d, {info.precision} on {info.device}{where}), "
+            f"decode {info.decode_backend}, batch {batch_size}",
+            file=sys.stderr,
+        )
+
+
+def _embed_local(args: argparse.Namespace, options: EmbedJobOptions) -> JobSummary:
+    from service.engine import Engine
+    from service.jobs import run_embed_job
+
+    cfg = _config(args, _engine_overrides(args))
+    with Engine.from_config(cfg) as engine:
+        _describe(engine.info, cfg.engine.batch_size, args.quiet, "")
+        return run_embed_job(engine, options)
+
+
+def _embed_remote(args: argparse.Namespace, options: EmbedJobOptions) -> JobSummary:
+    from service.client import RemoteEmbedder
+    from service.jobs import run_embed_job
+
+    token = args.token or os.environ.get("EMBEDSERVE_TOKEN", "")
+    batch_size = args.batch_size or 32
+    with RemoteEmbedder(args.server, batch_size=batch_size, token=token or None) as remote:
+        _describe(remote.info, batch_size, args.quiet, f" at {args.server}")
+        return run_embed_job(remote, options)
 
 
 def cmd_export_backbone(args: argparse.Namespace) -> int:
@@ -127,7 +151,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return generate.run(args)
     from bench import kernels
 
-    return int(kernels.main(args.bench_args) or 0)
+    argv = (
+        ["--device", args.device] + (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
+    )
+    return int(kernels.main(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,15 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"embedserve {service.__version__}")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
     parser.add_argument("--config", help="TOML config file (flags > EMBEDSERVE_* environment > file > defaults)")
+    # The same options after the subcommand (`embedserve serve --log-level INFO`); unset ones keep the above.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING (default) or ERROR")
+    common.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    embed = sub.add_parser("embed", help="embed every image under a directory into a Parquet file")
+    embed = sub.add_parser("embed", parents=[common], help="embed every image under a directory into a Parquet file")
     embed.add_argument("directory", help="directory to walk recursively")
     embed.add_argument("--out", required=True, help="Parquet file to write; re-running resumes it")
     embed.add_argument("--no-labels", action="store_true", help="leave `label` null instead of the parent folder")
     embed.add_argument(
         "--quiet", action="store_true", help="no progress bar (the summary and failures are still printed)"
     )
+    embed.add_argument("--server", help="HOST:PORT of a running embedserve: stream the images to it instead")
+    embed.add_argument("--token", help="bearer token for --server (or EMBEDSERVE_TOKEN)")
     embed.add_argument(
         "--part-rows",
         type=int,
@@ -153,12 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(embed)
     embed.set_defaults(func=cmd_embed)
 
-    export = sub.add_parser("export-backbone", help="write a built-in backbone as TorchScript")
+    export = sub.add_parser("export-backbone", parents=[common], help="write a built-in backbone as TorchScript")
     export.add_argument("--model", default="efficientnet_lite0", help="efficientnet_lite0 or efficientnet_lite2")
     export.add_argument("--out", required=True, help="file to write, e.g. model.ts")
     export.set_defaults(func=cmd_export_backbone)
 
-    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve = sub.add_parser("serve", parents=[common], help="run the gRPC server")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464; -1 = off)")
@@ -166,12 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks and the synthetic OCT data set")
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks and the synthetic OCT data set")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    generate = bench_sub.add_parser("generate", help="write a synthetic twin of the Kermany OCT set")
+    generate = bench_sub.add_parser("generate", parents=[common], help="write a synthetic twin of the Kermany OCT set")
     _add_generate_arguments(generate)
-    kernels = bench_sub.add_parser("kernels", help="time each kernel against its torch reference")
-    kernels.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the kernel bench")
+    kernels = bench_sub.add_parser("kernels", parents=[common], help="time each kernel against its torch reference")
+    kernels.add_argument("--device", default="cuda", help="device to time on (default cuda)")
+    kernels.add_argument("--quick", action="store_true", help="small inputs, a few seconds")
+    kernels.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -246,6 +246,13 @@ class Engine:
             for _, future in pending:
                 future.cancel()
 
+    def memory_bytes(self) -> tuple[int, int]:
+        """GPU memory (allocated, reserved) on the engine's device; (0, 0) on the CPU."""
+        device = self.backbone.device
+        if device.type != "cuda":
+            return 0, 0
+        return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
     def _load_and_prepare(self, chunk: list[ItemT]) -> PreparedBatch:
         return self.prepare([_load(item) for item in chunk])
 

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+import torch  # importing torch does not import triton
+
+# Triton reads TRITON_INTERPRET when it is first imported, and importing `service` imports the kernels:
+# without a GPU, the kernel tests run the Triton code through the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 import io
 from collections.abc import Iterator
 from pathlib import Path

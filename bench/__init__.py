@@ -1,0 +1,1 @@
+"""Benchmark suite for embedserve and the synthetic OCT data set it runs on."""

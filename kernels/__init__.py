@@ -1,0 +1,1 @@
+"""Triton kernels for the GPU hot path, each with a plain-torch reference and a fallback."""

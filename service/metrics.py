@@ -1,0 +1,159 @@
+"""Every Prometheus metric of embedserve, declared once, and the HTTP `/metrics` endpoint.
+
+Each server owns a `Metrics` with its own `CollectorRegistry`, so several servers (or tests) in one process
+never collide on registration. Label values come from fixed sets only: method names of the known services,
+status code names, image outcome tags and stage names; never a key, a path or free text.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+
+logger = logging.getLogger(__name__)
+
+IMAGE_OUTCOMES = frozenset(
+    {
+        "ok",
+        "invalid_image",
+        "unsupported_image",
+        "image_too_large",
+        "unreadable",
+        "image_error",
+        "cancelled",
+        "deadline_exceeded",
+        "rejected",
+        "failed",
+    }
+)
+"""Values of `embedserve_images_total{outcome}`: success, the `ImageError.reason` tags, and why an image was dropped."""
+
+STAGES = ("decode", "infer", "index")
+"""Values of `embedserve_stage_duration_seconds{stage}`; `decode` covers decoding and preprocessing together."""
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def image_outcome(reason: str) -> str:
+    """The outcome label for an `ImageError.reason` (unknown tags collapse to `image_error`)."""
+    return reason if reason in IMAGE_OUTCOMES else "image_error"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsEndpoint:
+    """A running `/metrics` HTTP server."""
+
+    host: str
+    port: int
+    _httpd: WSGIServer
+    _thread: threading.Thread
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+class Metrics:
+    """The metrics of one server, in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.requests = Counter(
+            "embedserve_requests", "RPCs handled, by method and status code.", ["method", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "embedserve_request_duration_seconds",
+            "Time from receiving an RPC to its status, by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(
+            "embedserve_images",
+            "Images by outcome (ok, an image error tag, or why it was dropped).",
+            ["outcome"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "embedserve_batch_size",
+            "Images per forward pass of the dynamic batcher.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "embedserve_queue_depth", "Images admitted to the batcher and not yet in a forward pass.", registry=r
+        )
+        self.queue_wait = Histogram(
+            "embedserve_queue_wait_seconds",
+            "Time from an image's arrival in the batcher to the start of its forward pass.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "embedserve_stage_duration_seconds",
+            "Time per batch in each pipeline stage (decode includes preprocessing).",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gpu_memory = Gauge(
+            "embedserve_gpu_memory_bytes",
+            "GPU memory held by the model's device (allocated by tensors, reserved by the caching allocator).",
+            ["kind"],
+            registry=r,
+        )
+        for outcome in ("ok", "rejected"):
+            self.images.labels(outcome=outcome)
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+
+    def track_gpu_memory(self, probe: Callable[[], tuple[int, int]]) -> None:
+        """Report `probe() -> (allocated, reserved)` bytes at every scrape (call only when the model is on a GPU)."""
+        self.gpu_memory.labels(kind="allocated").set_function(lambda: float(probe()[0]))
+        self.gpu_memory.labels(kind="reserved").set_function(lambda: float(probe()[1]))
+
+    def count_images(self, outcome: str, n: int = 1) -> None:
+        if n:
+            self.images.labels(outcome=outcome).inc(n)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> MetricsEndpoint:
+        """Start `/metrics` on host:port (0 picks a free port) in a daemon thread."""
+        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(httpd.server_address[1])
+        logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return MetricsEndpoint(host=host, port=bound, _httpd=httpd, _thread=thread)
+
+
+def cuda_memory_probe(device: str) -> Callable[[], tuple[int, int]]:
+    """A probe of torch's CUDA allocator for `device` (torch is imported lazily, only on GPU servers)."""
+    import torch
+
+    def probe() -> tuple[int, int]:
+        return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+    return probe
