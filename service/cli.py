@@ -149,6 +149,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench import generate
 
         return generate.run(args)
+    if args.bench_command == "run":
+        from bench import run
+
+        return run.run(args)
     from bench import kernels
 
     argv = (
@@ -203,12 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     generate = bench_sub.add_parser("generate", parents=[common], help="write a synthetic twin of the Kermany OCT set")
     _add_generate_arguments(generate)
+    bench_run = bench_sub.add_parser("run", parents=[common], help="time every stage against the baseline")
+    _add_run_arguments(bench_run)
     kernels = bench_sub.add_parser("kernels", parents=[common], help="time each kernel against its torch reference")
     kernels.add_argument("--device", default="cuda", help="device to time on (default cuda)")
     kernels.add_argument("--quick", action="store_true", help="small inputs, a few seconds")
     kernels.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from bench import run
+
+    run.add_arguments(parser)
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:

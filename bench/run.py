@@ -1,0 +1,706 @@
+"""The benchmark suite: every stage timed on the same images, with a baseline measured in the same run.
+
+`embedserve bench run --data DIR --out results.json [--quick] [--markdown FILE]`
+
+Stages: decode (per backend present), preprocess, backbone (eager, frozen TorchScript, AMP on a GPU),
+the offline directory job end to end, the gRPC server with C concurrent clients, index build and a
+k=10 kNN graph (exact, HNSW, IVF-Flat with recall against exact), and clustering (K-means k=4/100/1000,
+DBSCAN, HDBSCAN). Each stage reports throughput or seconds, latency percentiles where it applies, the
+peak host memory (this process and its children) and peak GPU memory, and its ratio to the baseline
+(`bench/baseline.py`: a DataLoader with Pillow workers and the eager model; scikit-learn for
+clustering). Absolute numbers mean something only on the device they were measured on; ratios
+compare two pipelines on the same machine in the same run.
+
+`--quick` generates a few hundred synthetic scans (unless `--data` is given) and keeps every stage
+small, for CI. Scores on synthetic images are not scores on real OCT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.config import Config, DecodeConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+QUICK_IMAGES = 240
+
+
+@dataclass(slots=True)
+class Stage:
+    """One measured stage."""
+
+    name: str
+    unit: str
+    value: float
+    baseline: float | None = None
+    baseline_name: str = ""
+    higher_is_better: bool = True
+    images: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    peak_host_bytes: int = 0
+    peak_gpu_bytes: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """How many times better than the baseline (>1 = faster)."""
+        if self.baseline is None or self.baseline <= 0 or self.value <= 0:
+            return None
+        return self.value / self.baseline if self.higher_is_better else self.baseline / self.value
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ratio"] = self.ratio
+        return out
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                kids.extend(int(p) for p in handle.read().split())
+    return kids
+
+
+class _MemorySampler:
+    """Samples the RSS of this process plus its children every 50 ms; `peak` is the largest sum seen."""
+
+    def __init__(self, extra_pids: Callable[[], Sequence[int]] = list) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._extra = extra_pids
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        pids = {me, *_children(me), *self._extra()}
+        self.peak = max(self.peak, sum(_rss_bytes(p) for p in pids))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> _MemorySampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+@contextlib.contextmanager
+def _measure(stage: Stage, extra_pids: Callable[[], Sequence[int]] = list) -> Iterator[None]:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with _MemorySampler(extra_pids) as sampler:
+        yield
+    stage.peak_host_bytes = sampler.peak
+    if torch.cuda.is_available():
+        stage.peak_gpu_bytes = int(torch.cuda.max_memory_allocated())
+
+
+def _percentiles(latencies: Sequence[float]) -> tuple[float | None, float | None]:
+    if not latencies:
+        return None, None
+    arr = np.asarray(latencies) * 1000
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def _image_files(root: Path) -> list[Path]:
+    from service.jobs import find_images
+
+    return [item.path for item in find_images(root)]
+
+
+def _subset(paths: Sequence[Path], limit: int, seed: int = 0) -> list[Path]:
+    if limit <= 0 or limit >= len(paths):
+        return list(paths)
+    rng = np.random.default_rng(seed)
+    return [paths[i] for i in sorted(rng.choice(len(paths), size=limit, replace=False))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def bench_decode(datas: list[bytes], device: torch.device, batch: int) -> list[Stage]:
+    """Decode only, per backend present, against Pillow `convert("RGB")` in one thread per core."""
+    import io
+
+    from PIL import Image
+
+    from service.decode import create_decoder
+
+    cores = os.cpu_count() or 1
+
+    def pillow_rgb(data: bytes) -> int:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB").width
+
+    stages: list[Stage] = []
+    with ThreadPoolExecutor(cores) as pool:
+        start = time.perf_counter()
+        list(pool.map(pillow_rgb, datas))
+        baseline = len(datas) / (time.perf_counter() - start)
+        for backend in ("dali", "torchvision", "pillow"):
+            try:
+                decoder = create_decoder(DecodeConfig(backend=backend), device, pool, max_batch=batch)
+            except Exception as e:  # a backend that does not work here is reported, not fatal
+                stages.append(Stage(f"decode/{backend}", "images/s", 0.0, details={"unavailable": str(e)[:200]}))
+                continue
+            stage = Stage(f"decode/{backend}-{device.type}", "images/s", 0.0, baseline, "Pillow RGB, threads")
+            with _measure(stage):
+                start = time.perf_counter()
+                for i in range(0, len(datas), batch):
+                    decoder.decode(datas[i : i + batch], (224, 224), "squash")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                stage.value = len(datas) / (time.perf_counter() - start)
+            stage.images = len(datas)
+            stages.append(stage)
+    return stages
+
+
+def bench_preprocess(datas: list[bytes], device: torch.device, batch: int) -> Stage:
+    """Resize + normalise of decoded images, against Pillow resize + ToTensor + Normalize per image."""
+    import io
+
+    from PIL import Image
+
+    from kernels.preprocess import preprocess_batch
+    from service.backbone import IMAGENET_MEAN, IMAGENET_STD
+
+    images: list[torch.Tensor] = []
+    pil: list[Image.Image] = []
+    for data in datas:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+            gray = img.mode == "L"
+        pil.append(rgb)
+        # As the decoders hand them over: grayscale stays one channel, colour is (3, H, W).
+        pixels = np.asarray(rgb)[..., 0] if gray else np.asarray(rgb).transpose(2, 0, 1)
+        images.append(torch.from_numpy(np.ascontiguousarray(pixels)).to(device))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    start = time.perf_counter()
+    for rgb in pil:
+        x = torch.from_numpy(np.asarray(rgb.resize((224, 224), Image.Resampling.BILINEAR))).permute(2, 0, 1)
+        _ = (x.float() / 255 - mean) / std
+    baseline = len(pil) / (time.perf_counter() - start)
+    stage = Stage("preprocess", "images/s", 0.0, baseline, "Pillow resize + normalise per image", images=len(datas))
+    with _measure(stage):
+        start = time.perf_counter()
+        for i in range(0, len(images), batch):
+            preprocess_batch(images[i : i + batch], (224, 224))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stage.value = len(images) / (time.perf_counter() - start)
+    return stage
+
+
+def bench_backbone(model: str, device: torch.device, batch: int, reps: int, compile_too: bool) -> list[Stage]:
+    """The model alone on a fixed batch: eager float32 (baseline) against the optimised modes."""
+    from service.backbone import Backbone
+
+    def rate(backbone: Backbone) -> float:
+        x = torch.randn(batch, 3, backbone.spec.input_size, backbone.spec.input_size, device=device)
+        backbone.forward(x)
+        backbone.forward(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            backbone.forward(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch * reps / (time.perf_counter() - start)
+
+    first = Stage("backbone/eager fp32", "images/s", 0.0, None, "eager fp32", images=batch * reps)
+    with _measure(first):
+        eager = Backbone.create(model, device=device.type, optimize="none", channels_last=False)
+        eager.amp_dtype = None
+        baseline = first.value = first.baseline = rate(eager)
+    modes: list[tuple[str, dict[str, Any]]] = [("freeze (TorchScript)", {"optimize": "freeze"})]
+    if device.type == "cuda":
+        modes = [("amp fp16 channels_last", {"optimize": "none"}), *modes]
+    if compile_too:
+        modes.append(("torch.compile", {"optimize": "compile"}))
+    stages = [first]
+    for name, kwargs in modes:
+        stage = Stage(f"backbone/{name}", "images/s", 0.0, baseline, "eager fp32", images=batch * reps)
+        with _measure(stage):
+            stage.value = rate(Backbone.create(model, device=device.type, **kwargs))
+        stages.append(stage)
+    return stages
+
+
+def bench_offline(cfg: Config, data: Path, out_dir: Path, baseline_paths: Sequence[Path]) -> tuple[list[Stage], Path]:
+    """The embed job, directory -> Parquet, against the DataLoader baseline on (a subset of) the same files.
+
+    When the baseline runs on a subset, the job also runs on exactly that subset right before it, so the
+    ratio compares the two pipelines on the same images at nearly the same time.
+    """
+    from bench.baseline import run_baseline
+    from service.engine import Engine
+
+    baseline_name = "DataLoader + Pillow + eager"
+    out = out_dir / "embeddings.parquet"
+    stage = Stage("end-to-end offline (embed job)", "images/s", 0.0, baseline_name=baseline_name)
+    with Engine.from_config(cfg) as engine:
+        with _measure(stage):
+            _run_job(engine, data, out, stage)
+        stages = [stage]
+        all_paths = _image_files(data)
+        if len(baseline_paths) < len(all_paths):
+            subset = out_dir / "subset"
+            for path in baseline_paths:
+                link = subset / path.relative_to(data.resolve())
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(path)
+            paired = Stage(
+                f"end-to-end offline, {len(baseline_paths)} images", "images/s", 0.0, baseline_name=baseline_name
+            )
+            with _measure(paired):
+                _run_job(engine, subset, out_dir / "subset.parquet", paired)
+            stages.append(paired)
+    base = run_baseline(
+        baseline_paths,
+        model=cfg.backbone.model,
+        batch_size=cfg.engine.batch_size,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    for s in stages:
+        s.baseline = base.images_per_second
+        s.details |= {"baseline_images": base.images, "baseline_seconds": round(base.seconds, 2)}
+    stages[0].details["baseline_workers"] = base.workers
+    stages[0].details["agreement_mean_cosine"] = _agreement(out, data, baseline_paths, base.vectors)
+    return stages, out
+
+
+def _run_job(engine: Any, data: Path, out: Path, stage: Stage) -> None:
+    from service.jobs import EmbedJobOptions, run_embed_job
+
+    summary = run_embed_job(engine, EmbedJobOptions(root=data, out=out, progress=sys.stderr.isatty()))
+    stage.value = summary.images_per_second
+    stage.images = summary.embedded
+    stage.details = {
+        "failed": summary.failed,
+        "seconds": round(summary.seconds, 2),
+        "decode": engine.info.decode_backend,
+    }
+
+
+def _agreement(out: Path, root: Path, paths: Sequence[Path], vectors: np.ndarray) -> float:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out, columns=["key", "embedding"])
+    ours = dict(
+        zip(table.column("key").to_pylist(), table.column("embedding").to_numpy(zero_copy_only=False), strict=True)
+    )
+    keys = [p.relative_to(root.resolve()).as_posix() for p in paths]
+    cos = [float(np.dot(ours[k], v)) for k, v in zip(keys, vectors, strict=True) if k in ours]
+    return float(np.mean(cos)) if cos else float("nan")
+
+
+def bench_grpc(cfg_file: Path | None, paths: Sequence[Path], clients: int, request_size: int, offline: float) -> Stage:
+    """The server in its own process, `clients` threads each sending `request_size` images per call."""
+    from service.client import EmbedClient
+
+    datas = [(p.name, p.read_bytes()) for p in paths]
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "-1", "--log-level", "INFO"]
+    if cfg_file is not None:
+        cmd[3:3] = ["--config", str(cfg_file)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    stage = Stage(f"end-to-end gRPC ({clients} clients)", "images/s", 0.0, offline, "offline embed job")
+    try:
+        assert proc.stderr is not None
+        port = None
+        deadline = time.monotonic() + 300
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                raise RuntimeError("the server exited before listening")
+            match = re.search(r"listening on [^ ]+:(\d+)", line)
+            port = int(match.group(1)) if match else None
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+        target = f"127.0.0.1:{port}"
+        with EmbedClient(target) as probe:
+            probe.wait_until_serving(timeout=300)
+        requests = [datas[i : i + request_size] for i in range(0, len(datas), request_size)]
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def worker(index: int) -> int:
+            done = 0
+            with EmbedClient(target) as client:
+                for request in requests[index::clients]:
+                    t0 = time.perf_counter()
+                    results = client.embed(request, return_vectors=False, timeout=600)
+                    with lock:
+                        latencies.append(time.perf_counter() - t0)
+                    done += sum(1 for r in results if r.ok)
+            return done
+
+        with _measure(stage, extra_pids=lambda: [proc.pid]), ThreadPoolExecutor(clients) as pool:
+            start = time.perf_counter()
+            done = sum(pool.map(worker, range(clients)))
+            stage.value = done / (time.perf_counter() - start)
+        stage.images = done
+        stage.p50_ms, stage.p99_ms = _percentiles(latencies)
+        stage.details = {"request_size": request_size, "requests": len(requests)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return stage
+
+
+def _vectors(parquet: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(parquet, columns=["embedding"]).column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return np.asarray(column.values.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
+
+
+def bench_knn(vectors: np.ndarray, k: int = 10) -> list[Stage]:
+    """Index build + kNN graph over every vector: exact (FAISS) against scikit-learn brute force; approximate recall."""
+    import faiss
+    from sklearn.neighbors import NearestNeighbors
+
+    n, dim = vectors.shape
+    k = min(k, n - 1)
+    limit = min(n, 20_000)  # scikit-learn's brute force on a sample, timed per query and scaled
+    start = time.perf_counter()
+    NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric="cosine").fit(vectors).kneighbors(vectors[:limit])
+    base_seconds = (time.perf_counter() - start) * n / limit
+    stages: list[Stage] = []
+    exact = Stage(
+        "kNN graph k=10 / faiss flat (exact)",
+        "seconds",
+        0.0,
+        base_seconds,
+        "scikit-learn brute force",
+        higher_is_better=False,
+        images=n,
+    )
+    with _measure(exact):
+        start = time.perf_counter()
+        index = faiss.IndexFlatIP(dim)
+        index.add(vectors)
+        _, truth = index.search(vectors, k + 1)
+        exact.value = time.perf_counter() - start
+    exact.details = {"scaled_from_queries": limit}
+    stages.append(exact)
+    nlist = max(1, min(4096, int(4 * np.sqrt(n))))
+    approx: list[tuple[str, Callable[[], Any]]] = [
+        ("hnsw M=32 efSearch=64", lambda: _hnsw(dim)),
+        (f"ivf-flat nlist={nlist} nprobe=16", lambda: _ivf(dim, nlist)),
+    ]
+    for name, build in approx:
+        stage = Stage(
+            f"kNN graph k=10 / faiss {name}",
+            "seconds",
+            0.0,
+            exact.value,
+            "faiss flat (exact)",
+            higher_is_better=False,
+            images=n,
+        )
+        with _measure(stage):
+            start = time.perf_counter()
+            idx = build()
+            if not idx.is_trained:
+                idx.train(vectors)
+            idx.add(vectors)
+            _, found = idx.search(vectors, k + 1)
+            stage.value = time.perf_counter() - start
+        hits = sum(len(set(f[1:]) & set(t[1:])) for f, t in zip(found, truth, strict=True))
+        stage.details = {"recall_at_10": hits / (n * k)}
+        stages.append(stage)
+    return stages
+
+
+def _hnsw(dim: int) -> Any:
+    import faiss
+
+    index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = 64
+    return index
+
+
+def _ivf(dim: int, nlist: int) -> Any:
+    import faiss
+
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = 16
+    return index
+
+
+def bench_clustering(vectors: np.ndarray, limit: int, seed: int = 0) -> list[Stage]:
+    """K-means (FAISS) against scikit-learn with the same iterations; DBSCAN and HDBSCAN with scikit-learn."""
+    import faiss
+    from sklearn.cluster import DBSCAN, HDBSCAN, KMeans
+    from sklearn.decomposition import PCA
+
+    n, dim = vectors.shape
+    stages: list[Stage] = []
+    iters = 20
+    for k in (4, 100, 1000):
+        if k * 4 > n:
+            continue
+        start = time.perf_counter()
+        KMeans(n_clusters=k, n_init=1, max_iter=iters, tol=0.0, random_state=seed, algorithm="lloyd").fit(vectors)
+        base = time.perf_counter() - start
+        stage = Stage(
+            f"k-means k={k} / faiss", "seconds", 0.0, base, "scikit-learn KMeans", higher_is_better=False, images=n
+        )
+        with _measure(stage):
+            start = time.perf_counter()
+            km = faiss.Kmeans(dim, k, niter=iters, seed=seed, min_points_per_centroid=1, max_points_per_centroid=10**9)
+            km.train(vectors)
+            stage.value = time.perf_counter() - start
+        stage.details = {"iterations": iters}
+        stages.append(stage)
+    sample = vectors[np.random.default_rng(seed).permutation(n)[: min(n, limit)]]
+    reduced = PCA(n_components=min(50, sample.shape[1], len(sample)), random_state=seed).fit_transform(sample)
+    for name, algo in (
+        ("DBSCAN eps=auto", lambda x: DBSCAN(eps=_knee_eps(x), min_samples=10).fit(x)),
+        ("HDBSCAN min_cluster_size=25", lambda x: HDBSCAN(min_cluster_size=25, copy=True).fit(x)),
+    ):
+        stage = Stage(f"{name} / scikit-learn", "seconds", 0.0, None, "", higher_is_better=False, images=len(sample))
+        with _measure(stage):
+            start = time.perf_counter()
+            fitted = algo(reduced)
+            stage.value = time.perf_counter() - start
+        labels = fitted.labels_
+        stage.details = {
+            "points": len(sample),
+            "pca_dims": reduced.shape[1],
+            "clusters": int(labels.max() + 1),
+            "noise_fraction": float((labels < 0).mean()),
+        }
+        stages.append(stage)
+    return stages
+
+
+def _knee_eps(x: np.ndarray, k: int = 10) -> float:
+    from sklearn.neighbors import NearestNeighbors
+
+    distances = NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x)[0][:, -1]
+    curve = np.sort(distances)
+    line = np.linspace(curve[0], curve[-1], len(curve))
+    return float(curve[int(np.argmax(line - curve))])
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in (
+        "torch",
+        "torchvision",
+        "nvidia-dali-cuda130",
+        "faiss-cpu",
+        "scikit-learn",
+        "numpy",
+        "pillow",
+        "grpcio",
+        "embedserve",
+    ):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[name] = md.version(name)
+    return out
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU: {model} ({os.cpu_count()} cores)"
+
+
+def run_suite(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every stage and return the results document."""
+    work = Path(tempfile.mkdtemp(prefix="embedserve-bench-"))
+    data = Path(args.data) if args.data else None
+    if data is None:
+        if not args.quick:
+            raise SystemExit("--data DIR is required without --quick")
+        from bench.generate import generate_dataset
+
+        data = work / "oct"
+        generate_dataset(data, n=args.n or QUICK_IMAGES, seed=0, workers=os.cpu_count(), progress=False)
+    config_file = getattr(args, "config", None)
+    cfg = load_config(config_file, env=os.environ, overrides={"engine.batch_size": args.batch_size})
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.backbone.device != "cpu" else "cpu")
+    paths = _image_files(data)
+    if not paths:
+        raise SystemExit(f"no images under {data}")
+    sample_n = min(len(paths), 120 if args.quick else args.stage_images)
+    sample_paths = _subset(paths, sample_n)
+    sample = [p.read_bytes() for p in sample_paths]
+    stages: list[Stage] = []
+    timeline: dict[str, float] = {}
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        logger.info("bench: %s", name)
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        timeline[name] = time.perf_counter() - t0
+        return result
+
+    stages += step("decode", lambda: bench_decode(sample, device, cfg.engine.batch_size))
+    stages.append(step("preprocess", lambda: bench_preprocess(sample, device, cfg.engine.batch_size)))
+    stages += step(
+        "backbone",
+        lambda: bench_backbone(cfg.backbone.model, device, cfg.engine.batch_size, 2 if args.quick else 5, args.compile),
+    )
+    baseline_paths = _subset(paths, args.baseline_images if not args.quick else len(paths))
+    offline_stages, parquet = step("offline", lambda: bench_offline(cfg, data, work, baseline_paths))
+    stages += offline_stages
+    offline = offline_stages[0]
+    grpc_paths = _subset(paths, min(len(paths), 96 if args.quick else args.grpc_images), seed=1)
+    stages.append(
+        step("grpc", lambda: bench_grpc(config_file, grpc_paths, args.clients, args.request_size, offline.value))
+    )
+    vectors = _vectors(parquet)
+    stages += step("knn", lambda: bench_knn(vectors))
+    stages += step("clustering", lambda: bench_clustering(vectors, 2_000 if args.quick else args.cluster_limit))
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(["embedserve", "bench", "run", *sys.argv[3:]])
+        if sys.argv[1:3] == ["bench", "run"]
+        else " ".join(sys.argv),
+        "device": _device_name(),
+        "versions": _versions(),
+        "data": {"path": str(data), "images": len(paths), "synthetic": (data / "generator.json").exists()},
+        "settings": {
+            "quick": args.quick,
+            "batch_size": cfg.engine.batch_size,
+            "clients": args.clients,
+            "request_size": args.request_size,
+            "model": cfg.backbone.model,
+            "baseline_images": len(baseline_paths),
+            "stage_images": sample_n,
+            "grpc_images": len(grpc_paths),
+            "cluster_limit": args.cluster_limit,
+        },
+        "stages": [s.to_json() for s in stages],
+        "stage_seconds": timeline,
+    }
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """A Markdown summary of a results document, for docs/benchmarks.md."""
+    lines = [
+        f"### {result['device']} — {result['date']}",
+        "",
+        f"`{result['command']}` on {result['data']['images']} images"
+        + (" (synthetic OCT twin)" if result["data"]["synthetic"] else ""),
+        "",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        "| stage | result | baseline | ratio | p50 / p99 ms | peak host MiB | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in result["stages"]:
+        base = f"{_fmt(s['baseline'], '.2f')} ({s['baseline_name']})" if s["baseline"] is not None else "—"
+        ratio = f"{s['ratio']:.2f}×" if s["ratio"] is not None else "—"
+        lat = f"{_fmt(s['p50_ms'])} / {_fmt(s['p99_ms'])}" if s["p50_ms"] is not None else "—"
+        notes = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s["details"].items())
+        lines.append(
+            f"| {s['name']} | {s['value']:.2f} {s['unit']} | {base} | {ratio} | {lat} | "
+            f"{s['peak_host_bytes'] / 2**20:.0f} | {notes} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="image directory (the OCT layout or any tree); generated with --quick")
+    parser.add_argument("--out", required=True, help="results JSON to write")
+    parser.add_argument("--markdown", help="also write the Markdown summary here")
+    parser.add_argument("--quick", action="store_true", help="a few hundred images, every stage small (CI)")
+    parser.add_argument("--n", type=int, default=0, help="images to generate with --quick and no --data")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent gRPC clients")
+    parser.add_argument("--request-size", type=int, default=8, help="images per gRPC request")
+    parser.add_argument("--stage-images", type=int, default=1024, help="images for the decode/preprocess stages")
+    parser.add_argument(
+        "--baseline-images",
+        type=int,
+        default=0,
+        help="images for the DataLoader baseline (0 = all; a random subset otherwise)",
+    )
+    parser.add_argument("--grpc-images", type=int, default=2048, help="images sent through the server")
+    parser.add_argument("--cluster-limit", type=int, default=20_000, help="points for DBSCAN/HDBSCAN (sampled)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_suite(args)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    summary = to_markdown(result)
+    if args.markdown:
+        Path(args.markdown).write_text(summary)
+    print(summary)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="embedserve bench run", description=__doc__)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING)
+    return run(parser.parse_args(argv))
