@@ -17,6 +17,7 @@ backend's device; or an `ImageError` in its place.
 
 from __future__ import annotations
 
+import abc
 import io
 import logging
 import os
@@ -142,10 +143,12 @@ class Decoder(Protocol):
     def decode(self, datas: Sequence[bytes], size: tuple[int, int], policy: str) -> list[DecodeOutcome]: ...
 
 
-class _ProbingDecoder:
+class _ProbingDecoder(abc.ABC):
     """Shared shape of every backend: probe all, decode the fast-path images in a batch, Pillow the rest."""
 
     name = "base"
+    max_batch: int | None = None
+    """Most images one `_decode_batch` call takes (None = any number)."""
 
     def __init__(self, cfg: DecodeConfig, device: torch.device, executor: ThreadPoolExecutor) -> None:
         self.cfg = cfg
@@ -180,8 +183,16 @@ class _ProbingDecoder:
     def _takes(self, header: ImageHeader) -> bool:
         return header.fast_path_ok
 
+    @abc.abstractmethod
+    def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
+        """Decode images that passed `_takes`, all at once; raises if any of them is bad."""
+
     def _decode_fast(self, datas: list[bytes]) -> list[DecodeOutcome]:
-        raise NotImplementedError
+        step = self.max_batch or len(datas) or 1
+        outcomes: list[DecodeOutcome] = []
+        for start in range(0, len(datas), step):
+            outcomes.extend(self._isolate(datas[start : start + step], self._decode_batch))
+        return outcomes
 
     def _pillow(self, data: bytes, header: ImageHeader, size: tuple[int, int], policy: str) -> DecodeOutcome:
         try:
@@ -217,7 +228,10 @@ class PillowDecoder(_ProbingDecoder):
     name = "pillow"
 
     def _takes(self, header: ImageHeader) -> bool:
-        return False
+        return False  # every image takes the `_pillow` path, which can decode at reduced scale
+
+    def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
+        return [decode_with_pillow(d, probe(d, self.cfg.max_pixels)).to(self.device) for d in datas]
 
     def _pillow(self, data: bytes, header: ImageHeader, size: tuple[int, int], policy: str) -> DecodeOutcome:
         reduce_to = decode_size_hint(header, size, policy) if self.cfg.reduced_decode else None
@@ -240,9 +254,6 @@ class TorchvisionDecoder(_ProbingDecoder):
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
         self._io = tvio
-
-    def _decode_fast(self, datas: list[bytes]) -> list[DecodeOutcome]:
-        return self._isolate(datas, self._decode_batch)
 
     def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
         tvio = self._io
@@ -270,7 +281,7 @@ class DaliDecoder(_ProbingDecoder):
         super().__init__(cfg, device, executor)
         from nvidia.dali import fn, pipeline_def, types
 
-        self._max_batch = max_batch
+        self.max_batch = max_batch
         on_gpu = device.type == "cuda"
         device_id = (device.index or 0) if on_gpu else None
         threads = max(1, cfg.workers or os.cpu_count() or 1)
@@ -283,20 +294,20 @@ class DaliDecoder(_ProbingDecoder):
         self._pipe = pipeline()
         self._pipe.build()
 
-    def _decode_fast(self, datas: list[bytes]) -> list[DecodeOutcome]:
-        outcomes: list[DecodeOutcome] = []
-        for start in range(0, len(datas), self._max_batch):
-            outcomes.extend(self._isolate(datas[start : start + self._max_batch], self._decode_batch))
-        return outcomes
-
     def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
         self._pipe.feed_input("encoded", [np.frombuffer(d, dtype=np.uint8) for d in datas])
         (out,) = self._pipe.run()
         tensors: list[torch.Tensor] = []
         for i in range(len(datas)):
             sample = out[i]
-            hwc = torch.from_dlpack(sample) if self.device.type == "cuda" else torch.from_numpy(np.array(sample))
-            tensors.append(hwc.permute(2, 0, 1).contiguous().to(self.device))
+            if self.device.type == "cuda":
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+
+                hwc = torch.empty(tuple(sample.shape()), dtype=torch.uint8, device=self.device)
+                feed_ndarray(sample, hwc, cuda_stream=torch.cuda.current_stream(self.device))
+            else:
+                hwc = torch.from_numpy(np.array(sample))
+            tensors.append(hwc.permute(2, 0, 1).contiguous())
         return tensors
 
 
