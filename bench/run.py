@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -220,7 +221,7 @@ def bench_preprocess(datas: list[bytes], device: torch.device, batch: int) -> St
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     start = time.perf_counter()
     for rgb in pil:
-        x = torch.from_numpy(np.asarray(rgb.resize((224, 224), Image.Resampling.BILINEAR))).permute(2, 0, 1)
+        x = torch.from_numpy(np.array(rgb.resize((224, 224), Image.Resampling.BILINEAR))).permute(2, 0, 1)
         _ = (x.float() / 255 - mean) / std
     baseline = len(pil) / (time.perf_counter() - start)
     stage = Stage("preprocess", "images/s", 0.0, baseline, "Pillow resize + normalise per image", images=len(datas))
@@ -568,8 +569,15 @@ def _device_name() -> str:
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every stage and return the results document."""
+    """Run every stage and return the results document; the scratch directory is removed afterwards."""
     work = Path(tempfile.mkdtemp(prefix="embedserve-bench-"))
+    try:
+        return _run_suite(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_suite(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data = Path(args.data) if args.data else None
     if data is None:
         if not args.quick:

@@ -68,6 +68,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         part_rows=args.part_rows,
     )
+    if args.store and not args.server:
+        raise EmbedServeError("--store keeps the vectors in a server's index: add --server HOST:PORT")
     # A plain `kill` should stop as cleanly as Ctrl-C: flush what was embedded, leave a resumable output.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -119,7 +121,9 @@ def _embed_remote(args: argparse.Namespace, options: EmbedJobOptions) -> JobSumm
 
     token = args.token or os.environ.get("EMBEDSERVE_TOKEN", "")
     batch_size = args.batch_size or 32
-    with RemoteEmbedder(args.server, batch_size=batch_size, token=token or None) as remote:
+    with RemoteEmbedder(
+        args.server, batch_size=batch_size, token=token or None, store=args.store, collection=args.collection
+    ) as remote:
         _describe(remote.info, batch_size, args.quiet, f" at {args.server}")
         return run_embed_job(remote, options)
 
@@ -141,7 +145,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "server.metrics_port": args.metrics_port,
         "data_dir": args.data_dir,
     }
-    return run_server(_config(args, overrides))
+    from service.cluster_server import SERVICE_NAME as CLUSTER_SERVICE
+    from service.cluster_server import add_clusterer
+
+    return run_server(_config(args, overrides), extra_servicers=[add_clusterer], extra_service_names=[CLUSTER_SERVICE])
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -182,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--server", help="HOST:PORT of a running embedserve: stream the images to it instead")
     embed.add_argument("--token", help="bearer token for --server (or EMBEDSERVE_TOKEN)")
     embed.add_argument(
+        "--store", action="store_true", help="also store the vectors (with label and path) in the server's index"
+    )
+    embed.add_argument("--collection", default="", help="collection for --store (default: default)")
+    embed.add_argument(
         "--part-rows",
         type=int,
         default=2048,
@@ -194,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default="efficientnet_lite0", help="efficientnet_lite0 or efficientnet_lite2")
     export.add_argument("--out", required=True, help="file to write, e.g. model.ts")
     export.set_defaults(func=cmd_export_backbone)
+
+    from service.cli_index import add_commands as add_index_commands
+
+    add_index_commands(sub, common)
 
     serve = sub.add_parser("serve", parents=[common], help="run the gRPC server")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -214,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--quick", action="store_true", help="small inputs, a few seconds")
     kernels.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
+    from service.cli_cluster import register as register_cluster_commands
+
+    register_cluster_commands(sub, common)
     return parser
 
 

@@ -4,6 +4,10 @@
         results = client.embed([("scan-1", jpeg_bytes)])
         results[0].vector            # np.ndarray float32, unit norm (or None and results[0].error)
 
+        client.embed([("scan-1", jpeg_bytes, {"label": "DME"})], store=True, collection="oct")   # durable on return
+        hits = client.neighbors([NeighborQuery(key="scan-1")], k=10, collection="oct", filter="label == DME")
+        hits[0].neighbors[0].key, hits[0].neighbors[0].score
+
 `AsyncEmbedClient` is the same for asyncio. `RemoteEmbedder` looks like the engine to the directory job
 (`info` and `embed_iter`) and streams through `EmbedStream` with a bounded number of requests in flight.
 Failed calls raise `RemoteError` (with the gRPC status code); failed images come back as `ImageError`s.
@@ -14,7 +18,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -26,11 +30,12 @@ from service._proto.embedserve.v1 import embedder_pb2 as pb
 from service._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc
 from service.engine import Embedded, EmbedOutcome, ModelInfo
 from service.errors import EmbedServeError, ImageError
+from service.index_types import CollectionInfo, FetchedItems, Neighbor
 from service.status import image_error_from_status
 
 VectorDType = Literal["float32", "float16"]
-ImageInput = tuple[str, bytes]
-"""(key, encoded bytes) of one image."""
+ImageInput = tuple[str, bytes] | tuple[str, bytes, Mapping[str, str]]
+"""(key, encoded bytes) of one image, optionally with attributes to store with it (label, path, ...)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -60,14 +65,123 @@ class EmbedResult:
         return self.error is None
 
 
+def _image(image: ImageInput) -> pb.Image:
+    key, data = image[0], image[1]
+    attributes = image[2] if len(image) > 2 else {}
+    return pb.Image(key=key, data=data, attributes=dict(attributes))
+
+
 def make_request(
-    images: Iterable[ImageInput], *, dtype: VectorDType = "float32", return_vectors: bool = True
+    images: Iterable[ImageInput],
+    *,
+    dtype: VectorDType = "float32",
+    return_vectors: bool = True,
+    store: bool = False,
+    collection: str = "",
 ) -> pb.EmbedRequest:
-    """The `EmbedRequest` for (key, bytes) pairs."""
+    """The `EmbedRequest` for (key, bytes[, attributes]) tuples."""
     return pb.EmbedRequest(
-        images=[pb.Image(key=key, data=data) for key, data in images],
+        images=[_image(image) for image in images],
         return_vectors=return_vectors,
         vector_dtype=_WIRE[dtype],
+        store=store,
+        collection=collection,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueryError:
+    """Why one neighbour query failed alone: a google.rpc code, a reason tag (`key_not_found`, `invalid_image`, ...)
+    and a message."""
+
+    code: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class NeighborQuery:
+    """One query of `neighbors`: exactly one of a stored `key`, a `vector` or encoded `image` bytes."""
+
+    key: str | None = None
+    vector: np.ndarray | None = None
+    image: bytes | None = None
+
+    def __post_init__(self) -> None:
+        given = sum(x is not None for x in (self.key, self.vector, self.image))
+        if given != 1:
+            raise ValueError("a NeighborQuery takes exactly one of key, vector or image")
+
+    def to_proto(self) -> pb.Query:
+        if self.key is not None:
+            return pb.Query(key=self.key)
+        if self.vector is not None:
+            return pb.Query(vector=np.asarray(self.vector, dtype="<f4").tobytes())
+        return pb.Query(image=self.image)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryNeighbors:
+    """The result of one query: its neighbours, best first, or the error it failed with."""
+
+    neighbors: list[Neighbor]
+    error: QueryError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def neighbors_request(
+    queries: Sequence[NeighborQuery], *, k: int, collection: str, filter: str, exclude_self: bool
+) -> pb.NeighborsRequest:
+    return pb.NeighborsRequest(
+        collection=collection,
+        k=k,
+        filter=filter,
+        queries=[q.to_proto() for q in queries],
+        exclude_self=exclude_self,
+    )
+
+
+def parse_neighbors(response: pb.NeighborsResponse) -> list[QueryNeighbors]:
+    out: list[QueryNeighbors] = []
+    for result in response.results:
+        if result.HasField("error"):
+            e = result.error
+            out.append(QueryNeighbors([], QueryError(e.code, e.reason, e.message)))
+            continue
+        hits = [Neighbor(key=n.key, score=float(n.score), attributes=dict(n.attributes)) for n in result.neighbors]
+        out.append(QueryNeighbors(hits))
+    return out
+
+
+def collection_info_from_proto(info: pb.CollectionInfo) -> CollectionInfo:
+    return CollectionInfo(
+        name=info.name,
+        dim=info.dim,
+        metric=info.metric,
+        index_type=info.index_type,
+        count=info.count,
+        trained=info.trained,
+        bytes_on_disk=info.bytes_on_disk,
+        search_backend=info.search_backend,
+    )
+
+
+def items_from_page(page: pb.ItemsPage) -> FetchedItems:
+    """One page of `ListItems` as `FetchedItems` (vectors (n, dim) float32; (n, 0) when not requested)."""
+    n = len(page.items)
+    with_vectors = n > 0 and all(len(item.vector) == 4 * page.dim for item in page.items)
+    if with_vectors:
+        vectors = np.frombuffer(b"".join(item.vector for item in page.items), dtype="<f4").astype(np.float32)
+        vectors = vectors.reshape(n, page.dim)
+    else:
+        vectors = np.zeros((n, 0), dtype=np.float32)
+    return FetchedItems(
+        keys=[item.key for item in page.items],
+        vectors=vectors,
+        attributes=[dict(item.attributes) for item in page.items],
     )
 
 
@@ -152,15 +266,99 @@ class EmbedClient:
         *,
         dtype: VectorDType = "float32",
         return_vectors: bool = True,
+        store: bool = False,
+        collection: str = "",
         timeout: float | None = None,
     ) -> list[EmbedResult]:
-        """Embed (key, bytes) pairs in one call; one result per image, in order."""
-        request = make_request(images, dtype=dtype, return_vectors=return_vectors)
+        """Embed (key, bytes[, attributes]) tuples in one call; one result per image, in order.
+
+        With `store`, the vectors are also upserted into `collection` (with the attributes), durably before this
+        returns.
+        """
+        request = make_request(images, dtype=dtype, return_vectors=return_vectors, store=store, collection=collection)
         try:
             response = self.stub.Embed(request, timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise _remote_error(e) from e
         return parse_response(response)
+
+    def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise _remote_error(e) from e
+
+    def neighbors(
+        self,
+        queries: Sequence[NeighborQuery],
+        *,
+        k: int = 10,
+        collection: str = "",
+        filter: str = "",
+        exclude_self: bool = False,
+        timeout: float | None = None,
+    ) -> list[QueryNeighbors]:
+        """The k nearest stored items to each query, best first; one result per query, in order."""
+        request = neighbors_request(queries, k=k, collection=collection, filter=filter, exclude_self=exclude_self)
+        return parse_neighbors(self._unary(self.stub.Neighbors, request, timeout))
+
+    def delete_items(self, keys: Sequence[str], *, collection: str = "", timeout: float | None = None) -> int:
+        """Delete items by key (durable on return); how many existed."""
+        request = pb.DeleteItemsRequest(collection=collection, keys=list(keys))
+        return int(self._unary(self.stub.DeleteItems, request, timeout).deleted)
+
+    def iter_items(
+        self,
+        *,
+        collection: str = "",
+        keys: Sequence[str] | None = None,
+        include_vectors: bool = True,
+        page_size: int = 1024,
+        timeout: float | None = None,
+    ) -> Iterator[FetchedItems]:
+        """Stored items page by page: every item sorted by key, or the given keys in order."""
+        request = pb.ListItemsRequest(
+            collection=collection, keys=list(keys or ()), page_size=page_size, include_vectors=include_vectors
+        )
+        call = self.stub.ListItems(request, timeout=timeout, metadata=self.metadata)
+        try:
+            for page in call:
+                yield items_from_page(page)
+        except grpc.RpcError as e:
+            raise _remote_error(e) from e
+        finally:
+            call.cancel()
+
+    def fetch_items(
+        self, *, collection: str = "", keys: Sequence[str] | None = None, include_vectors: bool = True
+    ) -> FetchedItems:
+        """All of `iter_items` in one `FetchedItems`."""
+        pages = list(self.iter_items(collection=collection, keys=keys, include_vectors=include_vectors))
+        if not pages:
+            return FetchedItems([], np.zeros((0, 0), np.float32), [])
+        return FetchedItems(
+            keys=[key for page in pages for key in page.keys],
+            vectors=np.concatenate([page.vectors for page in pages]),
+            attributes=[a for page in pages for a in page.attributes],
+        )
+
+    def collection_info(self, collection: str = "", *, timeout: float | None = None) -> CollectionInfo:
+        request = pb.GetCollectionInfoRequest(collection=collection)
+        return collection_info_from_proto(self._unary(self.stub.GetCollectionInfo, request, timeout))
+
+    def list_collections(self, *, timeout: float | None = None) -> list[CollectionInfo]:
+        response = self._unary(self.stub.ListCollections, pb.ListCollectionsRequest(), timeout)
+        return [collection_info_from_proto(info) for info in response.collections]
+
+    def create_collection(
+        self, name: str, *, dim: int = 0, metric: str = "", index_type: str = "", timeout: float | None = None
+    ) -> CollectionInfo:
+        """Create an empty collection (dim 0 = the model's; metric and index type "" = the server's defaults)."""
+        request = pb.CreateCollectionRequest(name=name, dim=dim, metric=metric, index_type=index_type)
+        return collection_info_from_proto(self._unary(self.stub.CreateCollection, request, timeout))
+
+    def drop_collection(self, name: str, *, timeout: float | None = None) -> None:
+        self._unary(self.stub.DropCollection, pb.DropCollectionRequest(name=name), timeout)
 
     def embed_stream(
         self, batches: Iterable[Sequence[ImageInput]], *, dtype: VectorDType = "float32", timeout: float | None = None
@@ -249,14 +447,47 @@ class AsyncEmbedClient:
         *,
         dtype: VectorDType = "float32",
         return_vectors: bool = True,
+        store: bool = False,
+        collection: str = "",
         timeout: float | None = None,
     ) -> list[EmbedResult]:
-        request = make_request(images, dtype=dtype, return_vectors=return_vectors)
+        request = make_request(images, dtype=dtype, return_vectors=return_vectors, store=store, collection=collection)
         try:
             response = await self.stub.Embed(request, timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise _remote_error(e) from e
         return parse_response(response)
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise _remote_error(e) from e
+
+    async def neighbors(
+        self,
+        queries: Sequence[NeighborQuery],
+        *,
+        k: int = 10,
+        collection: str = "",
+        filter: str = "",
+        exclude_self: bool = False,
+        timeout: float | None = None,
+    ) -> list[QueryNeighbors]:
+        request = neighbors_request(queries, k=k, collection=collection, filter=filter, exclude_self=exclude_self)
+        return parse_neighbors(await self._unary(self.stub.Neighbors, request, timeout))
+
+    async def delete_items(self, keys: Sequence[str], *, collection: str = "", timeout: float | None = None) -> int:
+        request = pb.DeleteItemsRequest(collection=collection, keys=list(keys))
+        return int((await self._unary(self.stub.DeleteItems, request, timeout)).deleted)
+
+    async def collection_info(self, collection: str = "", *, timeout: float | None = None) -> CollectionInfo:
+        request = pb.GetCollectionInfoRequest(collection=collection)
+        return collection_info_from_proto(await self._unary(self.stub.GetCollectionInfo, request, timeout))
+
+    async def list_collections(self, *, timeout: float | None = None) -> list[CollectionInfo]:
+        response = await self._unary(self.stub.ListCollections, pb.ListCollectionsRequest(), timeout)
+        return [collection_info_from_proto(info) for info in response.collections]
 
     async def embed_stream(
         self,
@@ -333,7 +564,9 @@ class RemoteEmbedder:
     """The engine's job interface (`info`, `embed_iter`) backed by a server's `EmbedStream`.
 
     Items are loaded on gRPC's request thread, `batch_size` per request, and at most `max_in_flight` requests are
-    unanswered at a time, so memory stays bounded however long the input is.
+    unanswered at a time, so memory stays bounded however long the input is. With `store`, the server also upserts
+    the vectors into `collection`, with each item's `label` and `path` (when it has them) as attributes, and answers
+    each request only once it is durable.
     """
 
     def __init__(
@@ -347,6 +580,8 @@ class RemoteEmbedder:
         tls: bool = False,
         root_certificates: bytes | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        store: bool = False,
+        collection: str = "",
     ) -> None:
         if batch_size <= 0 or max_in_flight <= 0:
             raise ValueError(f"batch_size={batch_size} and max_in_flight={max_in_flight} must be positive")
@@ -356,6 +591,8 @@ class RemoteEmbedder:
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
         self.dtype = dtype
+        self.store = store
+        self.collection = collection
         self.info: ModelInfo = self.client.model_info()
 
     def embed_iter(self, items: Iterable[ItemT]) -> Iterator[Embedded[ItemT]]:
@@ -377,11 +614,13 @@ class RemoteEmbedder:
                 sent.append(_Chunk(items=chunk, loaded=loaded))
                 yield pb.EmbedRequest(
                     images=[
-                        pb.Image(key=item.key, data=data)
+                        pb.Image(key=item.key, data=data, attributes=_attributes(item) if self.store else {})
                         for item, data in zip(chunk, loaded, strict=True)
                         if not isinstance(data, ImageError)
                     ],
                     vector_dtype=_WIRE[self.dtype],
+                    store=self.store,
+                    collection=self.collection,
                 )
 
         call = self.client.stub.EmbedStream(requests(), metadata=self.client.metadata)
@@ -412,6 +651,18 @@ class RemoteEmbedder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _attributes(item: object) -> dict[str, str]:
+    """`label` and `path` of a job item (a `FileItem`), when it has them, as attributes to store."""
+    attributes: dict[str, str] = {}
+    label = getattr(item, "label", None)
+    if label is not None:
+        attributes["label"] = str(label)
+    path = getattr(item, "path", None)
+    if path is not None:
+        attributes["path"] = str(path)
+    return attributes
 
 
 def _load(item: KeyedLoadable) -> bytes | ImageError:

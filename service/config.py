@@ -28,6 +28,9 @@ ResizePolicy = Literal["squash", "letterbox"]
 PadMode = Literal["zero", "white", "edge"]
 AmpDtype = Literal["float16", "bfloat16"]
 Optimize = Literal["auto", "none", "freeze", "compile"]
+IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw"]
+IndexMetric = Literal["cosine", "l2"]
+ExactBackend = Literal["auto", "faiss", "torch"]
 
 ENV_PREFIX = "EMBEDSERVE_"
 
@@ -173,6 +176,75 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """The vector index: defaults for new collections, search settings and durability."""
+
+    type: IndexType = "flat"
+    """Index of new collections: `flat` (exact), `ivf_flat`, `ivf_pq` or `hnsw` (approximate, built once
+    `train_min_vectors` items exist; exact search until then)."""
+    metric: IndexMetric = "cosine"
+    """Metric of new collections: `cosine` (vectors are L2-normalised; score = cosine, higher is closer) or `l2`
+    (score = squared Euclidean distance, lower is closer)."""
+    nlist: int = 0
+    """IVF lists; 0 = about 4 * sqrt(n) at training time (at most n / 39)."""
+    pq_m: int = 16
+    """IVF-PQ sub-quantizers; must divide the collection's dimension."""
+    pq_nbits: int = 8
+    """Bits per IVF-PQ sub-quantizer code."""
+    hnsw_m: int = 32
+    """Neighbours per HNSW node."""
+    ef_construction: int = 200
+    """HNSW build-time beam width."""
+    nprobe: int = 32
+    """IVF lists visited per query (more = better recall, slower)."""
+    ef_search: int = 128
+    """HNSW search-time beam width (raised to the number of candidates when that is larger)."""
+    refine_factor: int = 4
+    """Approximate indexes fetch k * refine_factor candidates and re-score them exactly."""
+    train_min_vectors: int = 10_000
+    """An approximate index is trained (built) once a collection holds this many vectors."""
+    exact_filter_fraction: float = 0.05
+    """A filter matching fewer than this fraction of a collection is searched exactly over the matches."""
+    snapshot_every_records: int = 10_000
+    """Write a snapshot (and start a new log) after this many log records..."""
+    snapshot_every_bytes: int = 256 * 1024 * 1024
+    """...or after this many log bytes, whichever comes first."""
+    fsync: bool = True
+    """fsync the log before acknowledging a write (off: a process crash loses nothing, a power cut may)."""
+    device: Device = "auto"
+    """Where exact search runs: `cuda` when a GPU is present with `auto`."""
+    exact_backend: ExactBackend = "auto"
+    """Exact search: `faiss` (faiss-gpu on CUDA when faiss has GPU support), `torch` (blockwise top-k from
+    `kernels.topk`), or `auto` = faiss on the CPU, faiss-gpu or else torch on CUDA."""
+
+    def __post_init__(self) -> None:
+        _check_choice("index.type", self.type, ("flat", "ivf_flat", "ivf_pq", "hnsw"))
+        _check_choice("index.metric", self.metric, ("cosine", "l2"))
+        _check_choice("index.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("index.exact_backend", self.exact_backend, ("auto", "faiss", "torch"))
+        positive = {
+            "pq_m": self.pq_m,
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "nprobe": self.nprobe,
+            "ef_search": self.ef_search,
+            "refine_factor": self.refine_factor,
+            "train_min_vectors": self.train_min_vectors,
+            "snapshot_every_records": self.snapshot_every_records,
+            "snapshot_every_bytes": self.snapshot_every_bytes,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"index.{name}={value} must be positive")
+        if self.nlist < 0:
+            raise ConfigError(f"index.nlist={self.nlist} must be 0 (automatic) or a positive count")
+        if not 1 <= self.pq_nbits <= 16:
+            raise ConfigError(f"index.pq_nbits={self.pq_nbits} must be 1..16 (8 is usual)")
+        if not 0.0 <= self.exact_filter_fraction <= 1.0:
+            raise ConfigError(f"index.exact_filter_fraction={self.exact_filter_fraction} must be in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """Everything embedserve needs, one section per subsystem."""
 
@@ -186,6 +258,8 @@ class Config:
     """Dynamic batching across server requests."""
     server: ServerConfig = field(default_factory=ServerConfig)
     """The gRPC server."""
+    index: IndexConfig = field(default_factory=IndexConfig)
+    """The vector index (collections, search, durability)."""
     data_dir: str = "./var/embedserve"
     """Where collections, logs and snapshots live."""
 

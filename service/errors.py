@@ -51,3 +51,37 @@ class UnreadableImageError(ImageError):
 
 class ModelError(EmbedServeError):
     """A backbone could not be built or loaded."""
+
+
+class IndexStoreError(EmbedServeError):
+    """The vector index refused or failed an operation."""
+
+
+class CollectionNotFoundError(IndexStoreError, KeyError):
+    """No collection has this name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "collection not found"
+
+
+class KeyNotFoundError(IndexStoreError, KeyError):
+    """A collection holds no item with this key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "key not found"
+
+
+class CollectionExistsError(IndexStoreError):
+    """A collection with this name already exists."""
+
+
+class InvalidIndexRequestError(IndexStoreError, ValueError):
+    """An index request is malformed: a bad collection name, key, filter, vector size or parameter."""
+
+
+class DataDirLockedError(IndexStoreError):
+    """Another process (or store) already uses the data directory."""
+
+
+class DurabilityError(IndexStoreError):
+    """A write could not be made durable (the log could not be written or fsync'd); it was not acknowledged."""

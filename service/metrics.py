@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -22,8 +22,10 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ STAGES = ("decode", "infer", "index")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 def image_outcome(reason: str) -> str:
@@ -123,6 +126,32 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.index_search_duration = Histogram(
+            "embedserve_index_search_duration_seconds",
+            "Time of one index search call (a batch of queries), excluding embedding image queries.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.wal_fsync_duration = Histogram(
+            "embedserve_wal_fsync_duration_seconds",
+            "Time of one fsync of a collection's write-ahead log.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.wal_records_per_fsync = Histogram(
+            "embedserve_wal_records_per_fsync",
+            "Log records (one per store request) made durable by one fsync: above 1 when group commit coalesces.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.cluster_duration = Histogram(
+            "embedserve_cluster_duration_seconds",
+            "Time of one clustering run, by algorithm and backend.",
+            ["algorithm", "backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._index_tracked = False
         for outcome in ("ok", "rejected"):
             self.images.labels(outcome=outcome)
         for stage in STAGES:
@@ -132,6 +161,22 @@ class Metrics:
         """Report `probe() -> (allocated, reserved)` bytes at every scrape (call only when the model is on a GPU)."""
         self.gpu_memory.labels(kind="allocated").set_function(lambda: float(probe()[0]))
         self.gpu_memory.labels(kind="reserved").set_function(lambda: float(probe()[1]))
+
+    def track_index(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Report `embedserve_index_vectors{collection}` from `counts()` at every scrape (collection names are
+        validated to [A-Za-z0-9_-]{1,64}, a bounded set chosen by the operator). Call once."""
+        if not self._index_tracked:
+            self.registry.register(_IndexVectors(counts))
+            self._index_tracked = True
+
+    def observe_fsync(self, seconds: float, records: int) -> None:
+        """One write-ahead-log fsync that made `records` records durable (called from index threads)."""
+        self.wal_fsync_duration.observe(seconds)
+        self.wal_records_per_fsync.observe(records)
+
+    def observe_cluster(self, algorithm: str, backend: str, seconds: float) -> None:
+        """One clustering run (algorithm and backend names come from fixed registries)."""
+        self.cluster_duration.labels(algorithm=algorithm, backend=backend).observe(seconds)
 
     def count_images(self, outcome: str, n: int = 1) -> None:
         if n:
@@ -147,6 +192,26 @@ class Metrics:
         bound = int(httpd.server_address[1])
         logger.info("metrics on http://%s:%d/metrics", host, bound)
         return MetricsEndpoint(host=host, port=bound, _httpd=httpd, _thread=thread)
+
+
+class _IndexVectors(Collector):
+    """`embedserve_index_vectors{collection}`, read from the index at scrape time (dropped collections vanish)."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self.counts = counts
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        for name, count in sorted(self.counts().items()):
+            family.add_metric([name], float(count))
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("embedserve_index_vectors", "Items stored per collection.", labels=["collection"])
 
 
 def cuda_memory_probe(device: str) -> Callable[[], tuple[int, int]]:

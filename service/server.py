@@ -1,9 +1,13 @@
 """The gRPC server: `embedserve.v1.Embedder`, standard health, reflection, auth, metrics, graceful shutdown.
 
-    server, port = await create_server(cfg)      # binds (port 0 picks a free one); engine built on start()
-    await server.start()
+    server, port = await create_server(cfg)      # binds (port 0 picks a free one), opens the index in cfg.data_dir;
+    await server.start()                         # the engine is built on start()
     ...
     await server.stop(grace=cfg.server.grace_seconds)
+
+Other services join the same server through `create_server(cfg, extra_servicers=[hook])`: each hook is called as
+`hook(grpc_server, embed_server)` before the server starts and registers its servicer; it reaches the vector index
+as `embed_server.index` and the metrics as `embed_server.metrics`.
 
 `run_server(cfg)` does all of it in the foreground until SIGTERM or SIGINT and returns the exit code.
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import hmac
 import inspect
 import logging
@@ -23,10 +28,12 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -36,10 +43,12 @@ from service.batcher import BatchEngine, Batcher, EngineUnavailableError
 from service.config import Config
 from service.engine import EmbedOutcome, ModelInfo
 from service.errors import EmbedServeError
+from service.index import DEFAULT_COLLECTION, MAX_K, CollectionInfo, IndexStore, check_collection_name
+from service.index_filter import parse_filter
 from service.metrics import Metrics, MetricsEndpoint, cuda_memory_probe
 from service.status import (
     InvalidRequestError,
-    NotAvailableYetError,
+    code_number,
     image_status,
     rpc_status,
 )
@@ -56,6 +65,11 @@ _OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Heal
 """Callable without the token, so that load balancers and orchestrators can probe health."""
 
 _KNOWN_SERVICES = frozenset({SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME})
+_DEFAULT_K = 10
+_PAGE_SIZE = 1024
+_INDEX_THREADS = 8
+"""Threads for index calls; concurrent stores wait on one shared fsync (group commit) in them."""
+T = TypeVar("T")
 _DTYPES = {
     pb.VECTOR_DTYPE_UNSPECIFIED: "<f4",
     pb.VECTOR_DTYPE_FLOAT32: "<f4",
@@ -77,12 +91,15 @@ class ServingEngine(BatchEngine, Protocol):
 
 
 class EmbedderServicer(pb_grpc.EmbedderServicer):
-    """`embedserve.v1.Embedder` over a batcher; UNAVAILABLE until `attach()` has given it one."""
+    """`embedserve.v1.Embedder` over a batcher and the index; embedding is UNAVAILABLE until `attach()`."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, index: IndexStore, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
+        self.index = index
+        self.metrics = metrics if metrics is not None else Metrics()
         self.batcher: Batcher | None = None
         self.info: ModelInfo | None = None
+        self.index_pool = ThreadPoolExecutor(max_workers=_INDEX_THREADS, thread_name_prefix="embedserve-index")
         self.max_images = min(cfg.server.max_images_per_request, cfg.batcher.max_queue_size)
         self.draining = False
         self._in_flight = 0
@@ -190,10 +207,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 "(server.max_images_per_request, batcher.max_queue_size): split the request"
             )
         if request.store:
-            raise NotAvailableYetError(
-                "store=true needs the vector index, which this server does not have yet; "
-                "send store=false and keep the returned vectors"
-            )
+            check_collection_name(request.collection or DEFAULT_COLLECTION)
+            if any(not image.key for image in request.images):
+                raise InvalidRequestError("store=true needs a non-empty key on every image")
         if request.vector_dtype not in _DTYPES:
             raise InvalidRequestError(f"unknown vector_dtype {request.vector_dtype}; use FLOAT32 or FLOAT16")
 
@@ -205,7 +221,202 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         outcomes = await self.batcher.embed(
             [image.data for image in request.images], timeout=context.time_remaining(), wait=wait
         )
+        if request.store:
+            await self._store(request, outcomes, self.info.embedding_dim)
         return self._response(request, outcomes, self.info.embedding_dim)
+
+    async def _in_index_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a (blocking) index call in the index threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.index_pool, functools.partial(fn, *args, **kwargs))
+
+    async def _store(self, request: pb.EmbedRequest, outcomes: Sequence[EmbedOutcome], dim: int) -> None:
+        """Upsert the embedded images into the request's collection; returns once durable."""
+        done = [
+            (image, outcome.vector)
+            for image, outcome in zip(request.images, outcomes, strict=True)
+            if outcome.vector is not None
+        ]
+        if not done:
+            return
+        name = request.collection or DEFAULT_COLLECTION
+        if not self.index.has_collection(name):
+            await self._in_index_thread(self.index.create_collection, name, dim=dim, exist_ok=True)
+        started = time.perf_counter()
+        await self._in_index_thread(
+            self.index.upsert,
+            name,
+            [image.key for image, _ in done],
+            np.stack([vector for _, vector in done]),
+            [dict(image.attributes) for image, _ in done],
+        )
+        self.metrics.stage_duration.labels(stage="index").observe(time.perf_counter() - started)
+
+    # -- index RPCs ----------------------------------------------------------------------------------------------
+
+    async def Neighbors(self, request: pb.NeighborsRequest, context: grpc.aio.ServicerContext) -> pb.NeighborsResponse:
+        try:
+            with self._call():
+                return await self._neighbors(request, context)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def _neighbors(self, request: pb.NeighborsRequest, context: grpc.aio.ServicerContext) -> pb.NeighborsResponse:
+        name = request.collection or DEFAULT_COLLECTION
+        k = request.k or _DEFAULT_K
+        if not 1 <= k <= MAX_K:
+            raise InvalidRequestError(f"k={k} must be 1..{MAX_K}")
+        if len(request.queries) > self.max_images:
+            raise InvalidRequestError(f"{len(request.queries)} queries in one request; at most {self.max_images}")
+        flt = parse_filter(request.filter)
+        info: CollectionInfo = await self._in_index_thread(self.index.info, name)
+        n = len(request.queries)
+        vectors: list[np.ndarray | None] = [None] * n
+        errors: dict[int, tuple[int, str, str]] = {}
+        key_positions = [i for i, q in enumerate(request.queries) if q.WhichOneof("kind") == "key"]
+        image_positions = [i for i, q in enumerate(request.queries) if q.WhichOneof("kind") == "image"]
+        for i, query in enumerate(request.queries):
+            kind = query.WhichOneof("kind")
+            if kind is None:
+                raise InvalidRequestError(f"query {i} has no key, vector or image")
+            if kind == "vector":
+                if len(query.vector) != 4 * info.dim:
+                    raise InvalidRequestError(
+                        f"query {i}: a vector of {len(query.vector)} bytes; collection {name!r} wants {info.dim} "
+                        f"little-endian float32 values ({4 * info.dim} bytes)"
+                    )
+                vectors[i] = np.frombuffer(query.vector, dtype="<f4").astype(np.float32)
+        if key_positions:
+            found = await self._in_index_thread(
+                self.index.fetch_vectors, name, [request.queries[i].key for i in key_positions]
+            )
+            for i, vector in zip(key_positions, found, strict=True):
+                if vector is None:
+                    message = f"collection {name!r} has no item with key {request.queries[i].key!r}"
+                    errors[i] = (code_number(grpc.StatusCode.NOT_FOUND), "key_not_found", message)
+                vectors[i] = vector
+        if image_positions:
+            if self.batcher is None or self.info is None:
+                raise EngineUnavailableError("the model is still loading; retry shortly")
+            if self.info.embedding_dim != info.dim:
+                raise InvalidRequestError(
+                    f"collection {name!r} holds {info.dim}-d vectors but the model makes {self.info.embedding_dim}-d "
+                    "ones; image queries need a collection of this model's embeddings"
+                )
+            outcomes = await self.batcher.embed(
+                [request.queries[i].image for i in image_positions], timeout=context.time_remaining()
+            )
+            for i, outcome in zip(image_positions, outcomes, strict=True):
+                if outcome.error is not None:
+                    errors[i] = image_status(outcome.error)
+                vectors[i] = outcome.vector
+        ready = [i for i in range(n) if vectors[i] is not None]
+        response = pb.NeighborsResponse(metric=info.metric)
+        results = [response.results.add() for _ in range(n)]
+        for i, (code, reason, message) in errors.items():
+            results[i].error.code, results[i].error.reason, results[i].error.message = code, reason, message
+        if not ready:
+            return response
+        exclude = [
+            request.queries[i].key if request.exclude_self and request.queries[i].WhichOneof("kind") == "key" else None
+            for i in ready
+        ]
+        started = time.perf_counter()
+        found_neighbors = await self._in_index_thread(
+            self.index.search,
+            name,
+            np.stack([vectors[i] for i in ready]),  # type: ignore[misc]
+            k,
+            filter=flt,
+            exclude_keys=exclude,
+        )
+        self.metrics.index_search_duration.observe(time.perf_counter() - started)
+        for i, hits in zip(ready, found_neighbors, strict=True):
+            for hit in hits:
+                results[i].neighbors.add(key=hit.key, score=hit.score, attributes=hit.attributes)
+        return response
+
+    async def DeleteItems(
+        self, request: pb.DeleteItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteItemsResponse:
+        try:
+            with self._call():
+                name = request.collection or DEFAULT_COLLECTION
+                deleted = await self._in_index_thread(self.index.delete, name, list(request.keys))
+                return pb.DeleteItemsResponse(deleted=deleted)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def ListItems(
+        self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ItemsPage]:
+        try:
+            with self._call():
+                name = request.collection or DEFAULT_COLLECTION
+                page_size = request.page_size or _PAGE_SIZE
+                if page_size < 0:
+                    raise InvalidRequestError(f"page_size={page_size} must be positive")
+                items = await self._in_index_thread(self.index.fetch, name, list(request.keys) or None)
+                dim = int(items.vectors.shape[1])
+                for start in range(0, max(len(items.keys), 1), page_size):
+                    page = pb.ItemsPage(dim=dim)
+                    for row in range(start, min(start + page_size, len(items.keys))):
+                        vector = items.vectors[row].astype("<f4").tobytes() if request.include_vectors else b""
+                        page.items.add(key=items.keys[row], vector=vector, attributes=items.attributes[row])
+                    yield page
+        except Exception as e:
+            await _abort(context, e)
+
+    async def GetCollectionInfo(
+        self, request: pb.GetCollectionInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CollectionInfo:
+        try:
+            with self._call():
+                name = request.collection or DEFAULT_COLLECTION
+                return _collection_info(await self._in_index_thread(self.index.info, name))
+        except Exception as e:
+            await _abort(context, e)
+
+    async def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCollectionsResponse:
+        try:
+            with self._call():
+                infos = await self._in_index_thread(self.index.collections)
+                return pb.ListCollectionsResponse(collections=[_collection_info(i) for i in infos])
+        except Exception as e:
+            await _abort(context, e)
+
+    async def CreateCollection(
+        self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CollectionInfo:
+        try:
+            with self._call():
+                dim = request.dim
+                if dim == 0:
+                    if self.info is None:
+                        raise EngineUnavailableError("the model is still loading; pass dim or retry shortly")
+                    dim = self.info.embedding_dim
+                info = await self._in_index_thread(
+                    self.index.create_collection,
+                    request.name,
+                    dim=dim,
+                    metric=request.metric or None,
+                    index_type=request.index_type or None,
+                )
+                return _collection_info(info)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def DropCollection(
+        self, request: pb.DropCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DropCollectionResponse:
+        try:
+            with self._call():
+                await self._in_index_thread(self.index.drop_collection, request.name)
+                return pb.DropCollectionResponse()
+        except Exception as e:
+            await _abort(context, e)
 
     @staticmethod
     def _response(request: pb.EmbedRequest, outcomes: Sequence[EmbedOutcome], dim: int) -> pb.EmbedResponse:
@@ -221,6 +432,19 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             elif return_vectors and outcome.vector is not None:
                 result.vector = outcome.vector.astype(wire).tobytes()
         return response
+
+
+def _collection_info(info: CollectionInfo) -> pb.CollectionInfo:
+    return pb.CollectionInfo(
+        name=info.name,
+        dim=info.dim,
+        metric=info.metric,
+        index_type=info.index_type,
+        count=info.count,
+        trained=info.trained,
+        bytes_on_disk=info.bytes_on_disk,
+        search_backend=info.search_backend,
+    )
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -244,10 +468,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoR
 # -- interceptors ------------------------------------------------------------------------------------------------
 
 
-def _method_label(full_method: str) -> str:
+def _method_label(full_method: str, known_services: frozenset[str] | set[str] = _KNOWN_SERVICES) -> str:
     """The `method` label of a call: the short name for our services, `other` for anything else."""
     service, _, method = full_method.lstrip("/").partition("/")
-    return method if service in _KNOWN_SERVICES and method.isidentifier() else "other"
+    return method if service in known_services and method.isidentifier() else "other"
 
 
 def _rebuild(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
@@ -285,8 +509,10 @@ def _final_code(error: BaseException | None, context: grpc.aio.ServicerContext) 
 class ObserveInterceptor(grpc.aio.ServerInterceptor):
     """Request id, one debug log line per call (warning for server-side failures), request metrics."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, known_services: set[str] | None = None) -> None:
         self.metrics = metrics
+        self.known_services = known_services if known_services is not None else set(_KNOWN_SERVICES)
+        """Services whose method names are metric labels (others count as `other`)."""
 
     async def intercept_service(
         self,
@@ -296,7 +522,7 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = _method_label(details.method)
+        method = _method_label(details.method, self.known_services)
         incoming = dict(details.invocation_metadata or ()).get("x-request-id", "")
         behavior = _behavior(handler)
         observer = _CallObserver(self.metrics, method, incoming)
@@ -406,6 +632,8 @@ class EmbedServer:
         health_servicer: health.aio.HealthServicer,
         metrics: Metrics,
         engine: ServingEngine | None,
+        index: IndexStore,
+        owns_index: bool = True,
     ) -> None:
         self.cfg = cfg
         self.grpc_server = grpc_server
@@ -415,6 +643,9 @@ class EmbedServer:
         self.metrics = metrics
         self.engine = engine
         self._owns_engine = engine is None
+        self.index = index
+        """The vector index (every collection under `cfg.data_dir`), open from `create_server` to `stop`."""
+        self._owns_index = owns_index
         self.batcher: Batcher | None = None
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -500,6 +731,9 @@ class EmbedServer:
         close = getattr(self.engine, "close", None)
         if self._owns_engine and close is not None:
             await asyncio.to_thread(close)
+        self.servicer.index_pool.shutdown(wait=True)
+        if self._owns_index:
+            await asyncio.to_thread(self.index.close)
         logger.info("embedserve stopped")
 
 
@@ -507,15 +741,30 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def create_server(cfg: Config, engine: ServingEngine | None = None) -> tuple[EmbedServer, int]:
+ServicerHook = Callable[[grpc.aio.Server, "EmbedServer"], object]
+"""Registers an extra servicer: called as `hook(grpc_server, embed_server)` before the server starts."""
+
+
+async def create_server(
+    cfg: Config,
+    engine: ServingEngine | None = None,
+    *,
+    index: IndexStore | None = None,
+    extra_servicers: Sequence[ServicerHook] = (),
+    extra_service_names: Sequence[str] = (),
+) -> tuple[EmbedServer, int]:
     """Build and bind the server (port 0 picks a free port); returns it, not started, and the bound port.
 
     With `engine=None` the engine is built from `cfg` on `start()`, off the event loop, while health says
-    NOT_SERVING; a given engine is used as is and is not closed by `stop()`.
+    NOT_SERVING; a given engine is used as is and is not closed by `stop()`. The index is opened here from
+    `cfg.data_dir` (snapshot + log replay, off the event loop) unless one is given (then `stop()` leaves it open).
+    `extra_servicers` hooks register more services on the same server (see the module docstring); name their full
+    service names in `extra_service_names` for reflection, health and per-method metrics.
     """
     s = cfg.server
     metrics = Metrics()
-    interceptors: list[grpc.aio.ServerInterceptor] = [ObserveInterceptor(metrics)]
+    known_services = set(_KNOWN_SERVICES) | set(extra_service_names)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObserveInterceptor(metrics, known_services)]
     if s.auth_token:
         interceptors.append(AuthInterceptor(s.auth_token))
     elif s.host not in ("127.0.0.1", "localhost", "::1"):
@@ -528,13 +777,17 @@ async def create_server(cfg: Config, engine: ServingEngine | None = None) -> tup
             ("grpc.so_reuseport", 0),
         ],
     )
-    servicer = EmbedderServicer(cfg)
+    owns_index = index is None
+    if index is None:
+        index = await asyncio.to_thread(IndexStore.open, cfg, on_fsync=metrics.observe_fsync)
+    metrics.track_index(index.counts)
+    servicer = EmbedderServicer(cfg, index, metrics)
     pb_grpc.add_EmbedderServicer_to_server(servicer, grpc_server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(sorted(_KNOWN_SERVICES), grpc_server)
+    reflection.enable_server_reflection(sorted(known_services), grpc_server)
 
     address = _address(s.host, s.port)
     if s.tls_cert:
@@ -543,6 +796,8 @@ async def create_server(cfg: Config, engine: ServingEngine | None = None) -> tup
     else:
         port = grpc_server.add_insecure_port(address)
     if not port:
+        if owns_index:
+            await asyncio.to_thread(index.close)
         raise OSError(f"cannot listen on {address}; is the port in use? (server.port=0 picks a free one)")
     server = EmbedServer(
         cfg,
@@ -552,13 +807,19 @@ async def create_server(cfg: Config, engine: ServingEngine | None = None) -> tup
         health_servicer=health_servicer,
         metrics=metrics,
         engine=engine,
+        index=index,
+        owns_index=owns_index,
     )
+    for hook in extra_servicers:
+        hook(grpc_server, server)
     return server, int(port)
 
 
-async def serve(cfg: Config) -> int:
+async def serve(
+    cfg: Config, *, extra_servicers: Sequence[ServicerHook] = (), extra_service_names: Sequence[str] = ()
+) -> int:
     """Serve until SIGTERM/SIGINT (exit code 0 after a graceful stop) or until the engine fails (1)."""
-    server, _ = await create_server(cfg)
+    server, _ = await create_server(cfg, extra_servicers=extra_servicers, extra_service_names=extra_service_names)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -578,14 +839,17 @@ async def serve(cfg: Config) -> int:
     return code
 
 
-def run_server(cfg: Config) -> int:
+def run_server(
+    cfg: Config, *, extra_servicers: Sequence[ServicerHook] = (), extra_service_names: Sequence[str] = ()
+) -> int:
     """Build the engine, serve until SIGTERM or SIGINT, stop gracefully; the process exit code.
 
-    0 after a graceful stop, 1 when the engine could not be built or failed, or the port could not be bound.
-    A second signal during the grace period ends the process at once (the handlers are removed on the first).
+    0 after a graceful stop, 1 when the engine could not be built or failed, the port could not be bound or the
+    index could not be opened (e.g. its data directory is in use). A second signal during the grace period ends the
+    process at once (the handlers are removed on the first). `extra_servicers`: see `create_server`.
     """
     try:
-        return asyncio.run(serve(cfg))
-    except OSError as e:
+        return asyncio.run(serve(cfg, extra_servicers=extra_servicers, extra_service_names=extra_service_names))
+    except (OSError, EmbedServeError) as e:
         logger.error("%s", e)
         return 1

@@ -10,11 +10,17 @@ import grpc
 
 from service.batcher import DeadlineExpiredError, EngineUnavailableError, OverloadedError
 from service.errors import (
+    CollectionExistsError,
+    CollectionNotFoundError,
     ConfigError,
+    DataDirLockedError,
+    DurabilityError,
     EmbedServeError,
     ImageError,
     ImageTooLargeError,
     InvalidImageError,
+    InvalidIndexRequestError,
+    KeyNotFoundError,
     UnreadableImageError,
     UnsupportedImageError,
 )
@@ -25,7 +31,7 @@ class InvalidRequestError(EmbedServeError):
 
 
 class NotAvailableYetError(EmbedServeError):
-    """The request asks for a feature this server does not have yet, such as `store` (FAILED_PRECONDITION)."""
+    """The request asks for something this server cannot do in its current state (FAILED_PRECONDITION)."""
 
 
 class AuthenticationError(EmbedServeError):
@@ -41,6 +47,12 @@ _CODES: tuple[tuple[type[EmbedServeError], grpc.StatusCode], ...] = (
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CollectionNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (KeyNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (CollectionExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (InvalidIndexRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (DurabilityError, grpc.StatusCode.UNAVAILABLE),
+    (DataDirLockedError, grpc.StatusCode.UNAVAILABLE),
 )
 
 _IMAGE_ERRORS: dict[str, type[ImageError]] = {

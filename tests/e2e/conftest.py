@@ -127,11 +127,15 @@ class RunningServer:
 
 
 @pytest.fixture
-def start_server(engine: Engine) -> Iterator[Callable[..., RunningServer]]:
-    """`start_server(engine=None, **overrides)` starts a server (default: the shared engine); stopped after the test."""
+def start_server(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningServer]]:
+    """`start_server(engine=None, **overrides)` starts a server (default: the shared engine); stopped after the test.
+
+    Each server gets a fresh data directory (its index) unless `data_dir=` is given.
+    """
     started: list[RunningServer] = []
 
     def start(engine_: ServingEngine | None = None, **overrides: Any) -> RunningServer:
+        overrides.setdefault("data_dir", str(tmp_path_factory.mktemp("data")))
         server = RunningServer(make_config(**overrides), engine_ if engine_ is not None else engine)
         started.append(server)
         return server

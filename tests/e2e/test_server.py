@@ -212,7 +212,8 @@ def test_request_limits_and_store(start_server, oct_images) -> None:
                 "INVALID_ARGUMENT",
                 "at most 2",
             ),
-            (pb.EmbedRequest(store=True, collection="oct"), "FAILED_PRECONDITION", "store=true"),
+            (pb.EmbedRequest(store=True, collection="no spaces"), "INVALID_ARGUMENT", "collection name"),
+            (pb.EmbedRequest(store=True, images=[pb.Image(data=b"x")]), "INVALID_ARGUMENT", "non-empty key"),
             (pb.EmbedRequest(vector_dtype=7), "INVALID_ARGUMENT", "vector_dtype"),  # type: ignore[arg-type]
         ]
         for request, code, text in cases:

@@ -71,7 +71,7 @@ def _wait_for(lines: queue.Queue[str], pattern: str, seen: list[str], timeout: f
 @pytest.mark.slow
 def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(tmp_path: Path) -> None:
     config = tmp_path / "embedserve.toml"
-    config.write_text(CONFIG)
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n' + CONFIG)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     env = {k: v for k, v in env.items() if not k.startswith("EMBEDSERVE_")}
     proc = subprocess.Popen(

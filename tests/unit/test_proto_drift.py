@@ -25,6 +25,17 @@ def test_stubs_import_and_describe_the_service() -> None:
 
     service = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
     assert service.full_name == "embedserve.v1.Embedder"
-    assert {m.name for m in service.methods} == {"Embed", "EmbedStream", "GetModelInfo"}
+    assert {m.name for m in service.methods} == {
+        "Embed",
+        "EmbedStream",
+        "GetModelInfo",
+        "Neighbors",
+        "DeleteItems",
+        "ListItems",
+        "GetCollectionInfo",
+        "ListCollections",
+        "CreateCollection",
+        "DropCollection",
+    }
     assert embedder_pb2.DESCRIPTOR.name == "embedserve/v1/embedder.proto"
     assert hasattr(embedder_pb2_grpc, "EmbedderStub")

@@ -49,6 +49,41 @@ class EmbedderStub:
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_embedder__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Neighbors = channel.unary_unary(
+                '/embedserve.v1.Embedder/Neighbors',
+                request_serializer=embedserve_dot_v1_dot_embedder__pb2.NeighborsRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.NeighborsResponse.FromString,
+                _registered_method=True)
+        self.DeleteItems = channel.unary_unary(
+                '/embedserve.v1.Embedder/DeleteItems',
+                request_serializer=embedserve_dot_v1_dot_embedder__pb2.DeleteItemsRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.DeleteItemsResponse.FromString,
+                _registered_method=True)
+        self.ListItems = channel.unary_stream(
+                '/embedserve.v1.Embedder/ListItems',
+                request_serializer=embedserve_dot_v1_dot_embedder__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.ItemsPage.FromString,
+                _registered_method=True)
+        self.GetCollectionInfo = channel.unary_unary(
+                '/embedserve.v1.Embedder/GetCollectionInfo',
+                request_serializer=embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.FromString,
+                _registered_method=True)
+        self.ListCollections = channel.unary_unary(
+                '/embedserve.v1.Embedder/ListCollections',
+                request_serializer=embedserve_dot_v1_dot_embedder__pb2.ListCollectionsRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.ListCollectionsResponse.FromString,
+                _registered_method=True)
+        self.CreateCollection = channel.unary_unary(
+                '/embedserve.v1.Embedder/CreateCollection',
+                request_serializer=embedserve_dot_v1_dot_embedder__pb2.CreateCollectionRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.FromString,
+                _registered_method=True)
+        self.DropCollection = channel.unary_unary(
+                '/embedserve.v1.Embedder/DropCollection',
+                request_serializer=embedserve_dot_v1_dot_embedder__pb2.DropCollectionRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.DropCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -76,6 +111,55 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Neighbors(self, request, context):
+        """Nearest stored items to each query (by key, vector or image), best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItems(self, request, context):
+        """Delete items by key; durable when answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """Stored items (keys, vectors, attributes), in pages; all of a collection sorted by key, or the given keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCollectionInfo(self, request, context):
+        """Count, dimension, metric, index type and state, bytes on disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCollections(self, request, context):
+        """Every collection, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCollection(self, request, context):
+        """Create an empty collection (Embed with store=true creates one with the defaults when it is missing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropCollection(self, request, context):
+        """Delete a collection and everything in it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +177,41 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=embedserve_dot_v1_dot_embedder__pb2.GetModelInfoRequest.FromString,
                     response_serializer=embedserve_dot_v1_dot_embedder__pb2.ModelInfo.SerializeToString,
+            ),
+            'Neighbors': grpc.unary_unary_rpc_method_handler(
+                    servicer.Neighbors,
+                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.NeighborsRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.NeighborsResponse.SerializeToString,
+            ),
+            'DeleteItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItems,
+                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.DeleteItemsRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.DeleteItemsResponse.SerializeToString,
+            ),
+            'ListItems': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.ListItemsRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.ItemsPage.SerializeToString,
+            ),
+            'GetCollectionInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCollectionInfo,
+                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.SerializeToString,
+            ),
+            'ListCollections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCollections,
+                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.ListCollectionsRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.ListCollectionsResponse.SerializeToString,
+            ),
+            'CreateCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCollection,
+                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.CreateCollectionRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.SerializeToString,
+            ),
+            'DropCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCollection,
+                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.DropCollectionRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.DropCollectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +295,195 @@ class Embedder:
             '/embedserve.v1.Embedder/GetModelInfo',
             embedserve_dot_v1_dot_embedder__pb2.GetModelInfoRequest.SerializeToString,
             embedserve_dot_v1_dot_embedder__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Neighbors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedserve.v1.Embedder/Neighbors',
+            embedserve_dot_v1_dot_embedder__pb2.NeighborsRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedder__pb2.NeighborsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedserve.v1.Embedder/DeleteItems',
+            embedserve_dot_v1_dot_embedder__pb2.DeleteItemsRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedder__pb2.DeleteItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embedserve.v1.Embedder/ListItems',
+            embedserve_dot_v1_dot_embedder__pb2.ListItemsRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedder__pb2.ItemsPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCollectionInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedserve.v1.Embedder/GetCollectionInfo',
+            embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCollections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedserve.v1.Embedder/ListCollections',
+            embedserve_dot_v1_dot_embedder__pb2.ListCollectionsRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedder__pb2.ListCollectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedserve.v1.Embedder/CreateCollection',
+            embedserve_dot_v1_dot_embedder__pb2.CreateCollectionRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedserve.v1.Embedder/DropCollection',
+            embedserve_dot_v1_dot_embedder__pb2.DropCollectionRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedder__pb2.DropCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

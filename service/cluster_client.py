@@ -1,0 +1,70 @@
+"""Blocking client of `embedserve.v1.Clusterer` (Cluster, Probe, Filter) over the generated stubs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from service._proto.embedserve.v1 import cluster_pb2 as cpb
+from service._proto.embedserve.v1 import cluster_pb2_grpc as cpb_grpc
+from service.client import RemoteError
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Responses carry one entry per item (and a projection with details): allow large ones."""
+
+
+class ClusterClient:
+    """`ClusterClient("host:port", token=...)`; each call raises RemoteError with the server's status."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = 600.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls or root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = cpb_grpc.ClustererStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            details = e.details() if hasattr(e, "details") else str(e)
+            raise RemoteError(code, details or "") from e
+
+    def cluster(self, request: cpb.ClusterRequest, *, timeout: float | None = None) -> cpb.ClusterResponse:
+        response: cpb.ClusterResponse = self._call(self.stub.Cluster, request, timeout)
+        return response
+
+    def probe(self, request: cpb.ProbeRequest, *, timeout: float | None = None) -> cpb.ProbeResponse:
+        response: cpb.ProbeResponse = self._call(self.stub.Probe, request, timeout)
+        return response
+
+    def filter(self, request: cpb.FilterRequest, *, timeout: float | None = None) -> cpb.FilterResponse:
+        response: cpb.FilterResponse = self._call(self.stub.Filter, request, timeout)
+        return response
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> ClusterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
