@@ -226,8 +226,45 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The `authorization: Bearer` metadata for `token` (none without one)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    if tls or root_certificates is not None:
+        return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return None
+
+
+def open_channel(
+    target: str,
+    *,
+    tls: bool = False,
+    root_certificates: bytes | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> grpc.Channel:
+    """A blocking channel to `target`: TLS when asked (or given a root certificate), large messages allowed."""
+    options = _channel_options(max_message_bytes)
+    creds = _credentials(tls, root_certificates)
+    if creds is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def open_aio_channel(
+    target: str,
+    *,
+    tls: bool = False,
+    root_certificates: bytes | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> grpc.aio.Channel:
+    """The asyncio twin of `open_channel`."""
+    options = _channel_options(max_message_bytes)
+    creds = _credentials(tls, root_certificates)
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options)
 
 
 def _remote_error(e: grpc.RpcError) -> RemoteError:
@@ -249,15 +286,12 @@ class EmbedClient:
         timeout: float | None = 300.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = _channel_options(max_message_bytes)
-        if tls or root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self.channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = open_channel(
+            target, tls=tls, root_certificates=root_certificates, max_message_bytes=max_message_bytes
+        )
         self.stub = pb_grpc.EmbedderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = _metadata(token)
+        self.metadata = auth_metadata(token)
         self.timeout = timeout
 
     def embed(
@@ -430,15 +464,12 @@ class AsyncEmbedClient:
         timeout: float | None = 300.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = _channel_options(max_message_bytes)
-        if tls or root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self.channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel = open_aio_channel(
+            target, tls=tls, root_certificates=root_certificates, max_message_bytes=max_message_bytes
+        )
         self.stub = pb_grpc.EmbedderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = _metadata(token)
+        self.metadata = auth_metadata(token)
         self.timeout = timeout
 
     async def embed(

@@ -8,7 +8,7 @@ import grpc
 
 from service._proto.embedserve.v1 import cluster_pb2 as cpb
 from service._proto.embedserve.v1 import cluster_pb2_grpc as cpb_grpc
-from service.client import RemoteError
+from service.client import RemoteError, auth_metadata, open_channel
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Responses carry one entry per item (and a projection with details): allow large ones."""
@@ -27,17 +27,11 @@ class ClusterClient:
         timeout: float | None = 600.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
-        if tls or root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self.channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = open_channel(
+            target, tls=tls, root_certificates=root_certificates, max_message_bytes=max_message_bytes
+        )
         self.stub = cpb_grpc.ClustererStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = auth_metadata(token)
         self.timeout = timeout
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
