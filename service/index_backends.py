@@ -88,13 +88,16 @@ class FaissExact:
         kk = min(k, base.shape[0])
         if kk == 0:
             return _pad(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k, metric)
-        scores, found = faiss.knn(
-            np.ascontiguousarray(queries), np.ascontiguousarray(base), kk, metric=_faiss_metric(metric)
-        )
+        scores, found = self._knn(np.ascontiguousarray(queries), np.ascontiguousarray(base), kk, metric)
         found = found.astype(np.int64, copy=False)
         if rows is not None:
             found = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
         return _pad(scores.astype(np.float32, copy=False), found, k, metric)
+
+    def _knn(
+        self, queries: np.ndarray, base: np.ndarray, k: int, metric: SearchMetric
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return faiss.knn(queries, base, k, metric=_faiss_metric(metric))
 
     def evict(self, cache_key: str) -> None:
         return None
@@ -109,33 +112,10 @@ class FaissGpuExact(FaissExact):
         self.device = device
         self.resources = faiss.StandardGpuResources()
 
-    def search(
-        self,
-        database: np.ndarray,
-        queries: np.ndarray,
-        k: int,
-        *,
-        metric: SearchMetric,
-        rows: np.ndarray | None = None,
-        cache_key: str = "",
-        version: int = 0,
+    def _knn(
+        self, queries: np.ndarray, base: np.ndarray, k: int, metric: SearchMetric
     ) -> tuple[np.ndarray, np.ndarray]:
-        base = database if rows is None else database[rows]
-        kk = min(k, base.shape[0])
-        if kk == 0:
-            return _pad(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k, metric)
-        scores, found = faiss.knn_gpu(
-            self.resources,
-            np.ascontiguousarray(queries),
-            np.ascontiguousarray(base),
-            kk,
-            metric=_faiss_metric(metric),
-            device=self.device,
-        )
-        found = found.astype(np.int64, copy=False)
-        if rows is not None:
-            found = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
-        return _pad(scores.astype(np.float32, copy=False), found, k, metric)
+        return faiss.knn_gpu(self.resources, queries, base, k, metric=_faiss_metric(metric), device=self.device)
 
 
 class TorchExact:
