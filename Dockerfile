@@ -26,5 +26,5 @@ RUN mkdir -p /data && chown 1000:1000 /data
 VOLUME ["/data"]
 USER 1000:1000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
-    CMD python -c "from service.client import EmbedClient; import sys; c = EmbedClient('127.0.0.1:50051'); sys.exit(c.health() != 'SERVING')"
+    CMD python -c "from service.client.sync import EmbedClient; import sys; c = EmbedClient('127.0.0.1:50051'); sys.exit(c.health() != 'SERVING')"
 CMD ["embedserve", "serve"]

@@ -33,7 +33,7 @@ format: setup
 	$(BIN)/ruff format service kernels bench tests
 
 proto: setup
-	$(BIN)/python -m service.protos
+	$(BIN)/python -m service.wire.protos
 
 embed-sample: setup
 	$(BIN)/embedserve embed tests/data/oct-sample --out var/oct-sample.parquet

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from service.backbone import IMAGENET_MEAN, IMAGENET_STD, create_backbone
+from service.embedding.backbone import IMAGENET_MEAN, IMAGENET_STD, create_backbone
 
 
 class _Files(Dataset[torch.Tensor]):

@@ -144,7 +144,7 @@ def _percentiles(latencies: Sequence[float]) -> tuple[float | None, float | None
 
 
 def _image_files(root: Path) -> list[Path]:
-    from service.jobs import find_images
+    from service.jobs.embed_dir import find_images
 
     return [item.path for item in find_images(root)]
 
@@ -166,7 +166,7 @@ def bench_decode(datas: list[bytes], device: torch.device, batch: int) -> list[S
 
     from PIL import Image
 
-    from service.decode import create_decoder
+    from service.embedding.decode import create_decoder
 
     cores = os.cpu_count() or 1
 
@@ -205,7 +205,7 @@ def bench_preprocess(datas: list[bytes], device: torch.device, batch: int) -> St
     from PIL import Image
 
     from kernels.preprocess import preprocess_batch
-    from service.backbone import IMAGENET_MEAN, IMAGENET_STD
+    from service.embedding.backbone import IMAGENET_MEAN, IMAGENET_STD
 
     images: list[torch.Tensor] = []
     pil: list[Image.Image] = []
@@ -237,7 +237,7 @@ def bench_preprocess(datas: list[bytes], device: torch.device, batch: int) -> St
 
 def bench_backbone(model: str, device: torch.device, batch: int, reps: int, compile_too: bool) -> list[Stage]:
     """The model alone on a fixed batch: eager float32 (baseline) against the optimised modes."""
-    from service.backbone import Backbone
+    from service.embedding.backbone import Backbone
 
     def rate(backbone: Backbone) -> float:
         x = torch.randn(batch, 3, backbone.spec.input_size, backbone.spec.input_size, device=device)
@@ -278,7 +278,7 @@ def bench_offline(cfg: Config, data: Path, out_dir: Path, baseline_paths: Sequen
     ratio compares the two pipelines on the same images at nearly the same time.
     """
     from bench.baseline import run_baseline
-    from service.engine import Engine
+    from service.embedding.engine import Engine
 
     baseline_name = "DataLoader + Pillow + eager"
     out = out_dir / "embeddings.parquet"
@@ -315,7 +315,7 @@ def bench_offline(cfg: Config, data: Path, out_dir: Path, baseline_paths: Sequen
 
 
 def _run_job(engine: Any, data: Path, out: Path, stage: Stage) -> None:
-    from service.jobs import EmbedJobOptions, run_embed_job
+    from service.jobs.embed_dir import EmbedJobOptions, run_embed_job
 
     summary = run_embed_job(engine, EmbedJobOptions(root=data, out=out, progress=sys.stderr.isatty()))
     stage.value = summary.images_per_second
@@ -341,10 +341,21 @@ def _agreement(out: Path, root: Path, paths: Sequence[Path], vectors: np.ndarray
 
 def bench_grpc(cfg_file: Path | None, paths: Sequence[Path], clients: int, request_size: int, offline: float) -> Stage:
     """The server in its own process, `clients` threads each sending `request_size` images per call."""
-    from service.client import EmbedClient
+    from service.client.sync import EmbedClient
 
     datas = [(p.name, p.read_bytes()) for p in paths]
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "-1", "--log-level", "INFO"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli.main",
+        "serve",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--log-level",
+        "INFO",
+    ]
     if cfg_file is not None:
         cmd[3:3] = ["--config", str(cfg_file)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

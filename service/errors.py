@@ -49,6 +49,23 @@ class UnreadableImageError(ImageError):
     reason = "unreadable"
 
 
+class OverloadedError(EmbedServeError):
+    """The batcher's queue is full; the request was refused before anything was enqueued (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExpiredError(EmbedServeError):
+    """The caller's deadline passed before its images ran; they were dropped (DEADLINE_EXCEEDED)."""
+
+
+class EngineUnavailableError(EmbedServeError):
+    """The batcher is not running: starting, shutting down, or its engine failed (UNAVAILABLE)."""
+
+
+class BatchFailedError(EmbedServeError):
+    """One batch failed for an unexpected reason; its requests fail (INTERNAL, with the request id), the server
+    keeps serving. The message is generic on purpose: the cause is in the server log, not sent to clients."""
+
+
 class ModelError(EmbedServeError):
     """A backbone could not be built or loaded."""
 

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from service.config import Config, load_config
-from service.engine import Engine
+from service.embedding.engine import Engine
 
 OCT_DIR = Path(__file__).parent / "data" / "oct-sample"
 OCT_CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")

@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from service.api.server import EmbedServer, ServingEngine, create_server
 from service.config import Config, load_config
-from service.engine import EmbedOutcome, Engine, ModelInfo, PreparedBatch
+from service.embedding.engine import Engine, PreparedBatch
 from service.errors import ImageError
-from service.server import EmbedServer, ServingEngine, create_server
+from service.types import EmbedOutcome, ModelInfo
 
 OCT_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "oct-sample"
 

@@ -37,7 +37,7 @@ def test_quick_bench_writes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     markdown = tmp_path / "summary.md"
     env = os.environ | {"EMBEDSERVE_BACKBONE_DEVICE": "cpu"}
-    cmd = [sys.executable, "-m", "service.cli", "bench", "run", "--quick", "--n", "72", "--clients", "4"]
+    cmd = [sys.executable, "-m", "service.cli.main", "bench", "run", "--quick", "--n", "72", "--clients", "4"]
     proc = subprocess.run(
         [*cmd, "--out", str(out), "--markdown", str(markdown)],
         env=env,

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from service.engine import Engine
+from service.embedding.engine import Engine
 
-CLI = [sys.executable, "-m", "service.cli"]
+CLI = [sys.executable, "-m", "service.cli.main"]
 
 
 def _env() -> dict[str, str]:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from service._proto.embedserve.v1 import cluster_pb2 as cpb
-from service.client import RemoteError
-from service.cluster import ClusterParams, backend_available
-from service.cluster_client import ClusterClient
-from service.cluster_server import add_clusterer, request_from_params
+from service.analysis.cluster import ClusterParams, backend_available
+from service.analysis.report import SECTIONS, ReportData, render_report
+from service.api.clusterer import add_clusterer, request_from_params
+from service.client.cluster import ClusterClient
+from service.client.sync import RemoteError
 from service.errors import EmbedServeError
-from service.report import SECTIONS, ReportData, render_report
+from service.wire._proto.embedserve.v1 import cluster_pb2 as cpb
 
 
 class UnknownCollectionError(EmbedServeError, KeyError):

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import wal
-from service.client import EmbedClient, RemoteError
+from service.client.sync import EmbedClient, RemoteError
+from service.index import wal
 
 REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 3
@@ -56,7 +56,7 @@ SERVE = (
     "import logging, sys\n"
     "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s %(message)s')\n"
     "from service.config import load_config\n"
-    "from service.server import run_server\n"
+    "from service.api.server import run_server\n"
     "sys.exit(run_server(load_config(sys.argv[1])))\n"
 )
 
@@ -222,7 +222,7 @@ def test_sigkill_never_loses_an_acknowledged_write(tmp_path: Path) -> None:
     server = ServerProcess(config)
     try:
         verify(server.target, acked, deleted)
-        assert re.search(r"WARNING service\.wal .*torn record", server.text())
+        assert re.search(r"WARNING service\.index\.wal .*torn record", server.text())
     finally:
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=60) == 0

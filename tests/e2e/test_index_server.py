@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from service.cli import main
-from service.client import EmbedClient, NeighborQuery, RemoteError
-from service.jobs import schema_for
+from service.cli.main import main
+from service.client.sync import EmbedClient, NeighborQuery, RemoteError
+from service.jobs.embed_dir import schema_for
 
 COLLECTION = "oct"
 

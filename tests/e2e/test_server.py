@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from service._proto.embedserve.v1 import embedder_pb2 as pb
-from service._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc
-from service.client import EmbedClient, RemoteEmbedder, RemoteError
+from service.api.server import SERVICE_NAME
+from service.client.sync import EmbedClient, RemoteEmbedder, RemoteError
 from service.errors import InvalidImageError, UnreadableImageError
-from service.server import SERVICE_NAME
+from service.wire._proto.embedserve.v1 import embedder_pb2 as pb
+from service.wire._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc
 
 ATOL = 1e-4
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.client import EmbedClient, RemoteError
+from service.client.sync import EmbedClient, RemoteError
 
 REPO = Path(__file__).resolve().parents[2]
 OCT_SAMPLE = REPO / "tests" / "data" / "oct-sample"
@@ -44,7 +44,7 @@ SERVE = (
     "import logging, sys\n"
     "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s %(message)s')\n"
     "from service.config import load_config\n"
-    "from service.server import run_server\n"
+    "from service.api.server import run_server\n"
     "sys.exit(run_server(load_config(sys.argv[1])))\n"
 )
 

@@ -10,11 +10,12 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, DeadlineExpiredError, EngineUnavailableError, OverloadedError, select
 from service.config import BatcherConfig
-from service.engine import EmbedOutcome, PreparedBatch
+from service.embedding.batcher import Batcher, DeadlineExpiredError, EngineUnavailableError, OverloadedError, select
+from service.embedding.engine import PreparedBatch
 from service.errors import ImageError, InvalidImageError
 from service.metrics import Metrics
+from service.types import EmbedOutcome
 
 
 def image(value: int) -> bytes:

@@ -1,4 +1,4 @@
-"""service.cluster: every backend agrees with scikit-learn on well-separated blobs; sweeps, knees, deadlines."""
+"""service.analysis.cluster: every backend agrees with scikit-learn on separated blobs; sweeps, knees, deadlines."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from sklearn.cluster import DBSCAN, HDBSCAN, OPTICS, KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from service import cluster as cl
-from service.cluster import ClusterInterruptedError, ClusterParams, cluster
+from service.analysis import cluster as cl
+from service.analysis.cluster import ClusterInterruptedError, ClusterParams, cluster
 from service.errors import ConfigError
 
 

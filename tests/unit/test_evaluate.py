@@ -1,4 +1,4 @@
-"""service.evaluate: metrics equal scikit-learn's; Hungarian accuracy by hand; probes; filtering."""
+"""service.analysis.evaluate: metrics equal scikit-learn's; Hungarian accuracy by hand; probes; filtering."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
-from service import evaluate as ev
+from service.analysis import evaluate as ev
 
 
 def test_hungarian_accuracy_on_a_hand_made_case() -> None:

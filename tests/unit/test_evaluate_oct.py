@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service import evaluate as ev
-from service.cluster import ClusterParams, cluster
+from service.analysis import evaluate as ev
+from service.analysis.cluster import ClusterParams, cluster
 
 SEEDS = range(10)
 

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service import wal
 from service.config import Config, load_config
 from service.errors import (
     CollectionExistsError,
@@ -22,8 +21,9 @@ from service.errors import (
     InvalidIndexRequestError,
     KeyNotFoundError,
 )
-from service.index import IndexStore
-from service.index_filter import parse_filter
+from service.index import wal
+from service.index.filter import parse_filter
+from service.index.store import IndexStore
 
 DIM = 24
 
@@ -229,7 +229,7 @@ def test_torn_log_tail_is_dropped_with_a_warning(tmp_path: Path, damage: str, ca
     else:  # a record header announcing more bytes than were written, as a crash mid-write leaves
         data += (1000).to_bytes(4, "little") + b"\x00" * 9
     log.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="service.wal"):
+    with caplog.at_level(logging.WARNING, logger="service.index.wal"):
         store = IndexStore.open(cfg)
     assert "dropping" in caplog.text
     expected = [f"k{i}" for i in range(5 if damage == "garbage" else 4)]

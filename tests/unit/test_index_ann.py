@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.config import load_config
-from service.index import IndexStore
+from service.index.store import IndexStore
 
 N, DIM, CLUSTERS, K = 20_000, 32, 64, 10
 

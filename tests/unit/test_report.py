@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from service import cli_cluster
-from service.report import SECTIONS
+from service.analysis.report import SECTIONS
+from service.cli import analysis as cli_cluster
 
 
 @pytest.fixture(scope="module")

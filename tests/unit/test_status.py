@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import grpc
 
-from service.batcher import DeadlineExpiredError, EngineUnavailableError, OverloadedError
-from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
-from service.metrics import Metrics, image_outcome
-from service.status import (
+from service.api.errors import (
     InvalidRequestError,
     NotAvailableYetError,
     image_error_from_status,
     image_status,
     rpc_status,
 )
+from service.embedding.batcher import DeadlineExpiredError, EngineUnavailableError, OverloadedError
+from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageError
+from service.metrics import Metrics, image_outcome
 
 
 def test_errors_map_to_codes_and_internal_errors_stay_private() -> None:

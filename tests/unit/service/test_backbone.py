@@ -11,8 +11,8 @@ import torch
 import torchvision
 
 from kernels.preprocess import preprocess_batch
-from service.backbone import Backbone, create_backbone, export_torchscript
-from service.engine import Engine
+from service.embedding.backbone import Backbone, create_backbone, export_torchscript
+from service.embedding.engine import Engine
 from service.errors import ModelError
 from tests.conftest import cpu_config
 

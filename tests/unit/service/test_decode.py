@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from service.config import DecodeConfig
-from service.decode import Decoder, create_decoder, probe
-from service.engine import Engine
+from service.embedding.decode import Decoder, create_decoder, probe
+from service.embedding.engine import Engine
 from service.errors import ImageError, ImageTooLargeError, InvalidImageError
 from tests.conftest import cpu_config, encode
 

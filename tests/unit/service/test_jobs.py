@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from service.engine import Embedded, Engine, ModelInfo
-from service.jobs import EmbedJobOptions, FileItem, JobError, find_images, parts_dir, run_embed_job
+from service.embedding.engine import Engine
+from service.jobs.embed_dir import EmbedJobOptions, FileItem, JobError, find_images, parts_dir, run_embed_job
+from service.types import Embedded, ModelInfo
 
 
 def _read(out: Path) -> dict[str, tuple[str, str | None, np.ndarray]]:

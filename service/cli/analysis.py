@@ -1,0 +1,513 @@
+"""The `cluster`, `probe`, `filter` and `report` subcommands, against a Parquet file from `embed` or a server.
+
+    embedserve cluster --parquet oct.parquet --algorithm kmeans --k 4 --ground-truth label
+    embedserve cluster --server localhost:50051 --collection oct --algorithm dbscan --ground-truth label
+    embedserve probe --parquet oct.parquet --target label --group-pattern '[A-Z]-(\\d+)-'
+    embedserve filter --parquet oct.parquet --examples DRUSEN/DRUSEN-9800172-2.jpeg DRUSEN/DRUSEN-9837663-1.jpeg
+    embedserve report --parquet oct.parquet --ground-truth label --out report.html
+
+`register(subparsers, common)` adds them to the `embedserve` parser (`common` carries --log-level/--config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import EmbedServeError
+
+EXIT_OK = 0
+
+
+class UsageError(EmbedServeError):
+    """The command line asks for something that cannot be done; the message says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Items:
+    """Vectors with their keys and attributes (every string column of a Parquet file)."""
+
+    keys: list[str]
+    vectors: np.ndarray
+    attributes: list[dict[str, str]]
+
+    def attribute(self, name: str) -> list[str]:
+        values = [a.get(name, "") for a in self.attributes]
+        if values and not any(values):
+            known = sorted({k for a in self.attributes for k in a})
+            raise UsageError(f"no item has the attribute {name!r}; known: {', '.join(known) or 'none'}")
+        return values
+
+
+def load_parquet(path: str | Path) -> Items:
+    """Keys, embeddings and string attributes (path, label, ...) of a Parquet file written by `embedserve embed`."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from e
+    if "key" not in table.column_names or "embedding" not in table.column_names:
+        raise UsageError(f"{path} has no key/embedding columns; is it the output of `embedserve embed`?")
+    keys = [str(k) for k in table["key"].to_pylist()]
+    vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    names = [n for n in table.column_names if n not in ("key", "embedding")]
+    columns = {n: table[n].to_pylist() for n in names}
+    attributes = [
+        {n: str(columns[n][i]) for n in names if columns[n][i] is not None and isinstance(columns[n][i], str)}
+        for i in range(len(keys))
+    ]
+    return Items(keys=keys, vectors=vectors, attributes=attributes)
+
+
+# -- shared options -------------------------------------------------------------------------------------------------
+
+
+def _add_source(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("data (one of)")
+    src.add_argument("--parquet", help="Parquet file written by `embedserve embed`")
+    src.add_argument("--server", help="HOST:PORT of a running embedserve (with --collection)")
+    src.add_argument("--collection", help="collection on --server")
+    src.add_argument("--keys-file", help="only the keys listed in this file (one per line)")
+    src.add_argument("--token", help="bearer token for --server (or EMBEDSERVE_TOKEN)")
+    src.add_argument("--timeout", type=float, default=600.0, help="deadline of a server call in seconds")
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser, *, default_k: str = "auto") -> None:
+    g = parser.add_argument_group("clustering")
+    g.add_argument(
+        "--algorithm", default="kmeans", choices=["kmeans", "dbscan", "hdbscan", "optics", "kmedoids"], help="algorithm"
+    )
+    g.add_argument(
+        "--k", default=default_k, help=f"clusters (kmeans, kmedoids) or 'auto' to sweep (default {default_k})"
+    )
+    g.add_argument("--k-min", type=int, default=2, help="smallest k of the sweep (default 2)")
+    g.add_argument("--k-max", type=int, default=10, help="largest k of the sweep (default 10)")
+    g.add_argument("--eps", default="auto", help="DBSCAN radius or 'auto' (knee of the k-distance curve)")
+    g.add_argument("--min-samples", type=int, default=5, help="DBSCAN/HDBSCAN/OPTICS core neighbours (default 5)")
+    g.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN/OPTICS smallest cluster (default 5)")
+    g.add_argument("--n-init", type=int, default=4, help="K-means restarts (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "cuml", "torch", "faiss", "sklearn", "kmedoids"],
+        help="where to run (default auto: GPU first)",
+    )
+    g.add_argument("--pca", type=int, help="project onto this many principal components first")
+    g.add_argument(
+        "--features",
+        default="embedding",
+        choices=["embedding", "raw"],
+        help="cluster the embeddings or the raw-pixel baseline (grayscale, downscaled, PCA; needs readable paths)",
+    )
+    g.add_argument("--raw-size", type=int, default=64, help="raw features: side of the downscaled image (default 64)")
+    g.add_argument("--raw-pca", type=int, default=16, help="raw features: PCA dimensions (default 16; 0 = none)")
+    g.add_argument("--ground-truth", help="attribute to score against (e.g. label): accuracy, NMI, ARI, purity")
+
+
+def _params(args: argparse.Namespace, *, curves: bool = False) -> Any:
+    from service.analysis.cluster import ClusterParams
+
+    try:
+        k = None if str(args.k).lower() == "auto" else int(args.k)
+        eps = None if str(args.eps).lower() == "auto" else float(args.eps)
+    except ValueError as e:
+        raise UsageError(f"--k and --eps take a number or 'auto': {e}") from e
+    return ClusterParams(
+        algorithm=args.algorithm,
+        backend=args.backend,
+        k=k,
+        k_min=args.k_min,
+        k_max=args.k_max,
+        eps=eps,
+        min_samples=args.min_samples,
+        min_cluster_size=args.min_cluster_size,
+        n_init=args.n_init,
+        seed=args.seed,
+        pca_dim=args.pca,
+        curves=curves,
+    )
+
+
+def _keys_filter(args: argparse.Namespace) -> list[str]:
+    if not args.keys_file:
+        return []
+    return [line.strip() for line in Path(args.keys_file).read_text().splitlines() if line.strip()]
+
+
+def _check_source(args: argparse.Namespace) -> None:
+    if bool(args.parquet) == bool(args.server):
+        raise UsageError("give either --parquet FILE or --server HOST:PORT --collection NAME")
+    if args.server and not args.collection:
+        raise UsageError("--server needs --collection")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from service.client.cluster import ClusterClient
+
+    token = args.token or os.environ.get("EMBEDSERVE_TOKEN", "")
+    return ClusterClient(args.server, token=token or None, timeout=args.timeout)
+
+
+def _local_items(args: argparse.Namespace) -> Items:
+    items = load_parquet(args.parquet)
+    wanted = _keys_filter(args)
+    if wanted:
+        index = {k: i for i, k in enumerate(items.keys)}
+        missing = [k for k in wanted if k not in index]
+        if missing:
+            raise UsageError(f"{len(missing)} keys of --keys-file are not in {args.parquet}: {', '.join(missing[:5])}")
+        rows = [index[k] for k in wanted]
+        items = Items(wanted, items.vectors[rows], [items.attributes[i] for i in rows])
+    return items
+
+
+def _raw_features(paths: Sequence[str], args: argparse.Namespace) -> np.ndarray:
+    from service.analysis.evaluate import raw_pixel_features
+
+    if not paths or not all(paths):
+        raise UsageError("--features raw needs the path of every image (the `path` column or attribute)")
+    try:
+        return raw_pixel_features(paths, size=args.raw_size, pca_dim=args.raw_pca or None, seed=args.seed)
+    except OSError as e:
+        raise UsageError(f"--features raw cannot read an image: {e}") from e
+
+
+def run_clustering(args: argparse.Namespace, *, details: bool) -> Any:
+    """Cluster as the arguments say, locally or on the server; returns a `ReportData`."""
+    from service.analysis.cluster import cluster
+    from service.analysis.report import ReportData
+
+    _check_source(args)
+    params = _params(args, curves=details)
+    title = f"embedserve: {args.algorithm} on {args.parquet or args.collection}"
+    if args.server and args.features == "embedding":
+        from service.api.clusterer import request_from_params
+
+        request = request_from_params(
+            args.collection,
+            params,
+            keys=_keys_filter(args),
+            ground_truth_attribute=args.ground_truth or "",
+            include_details=details,
+        )
+        with _client(args) as client:
+            return ReportData.from_response(client.cluster(request), title=title)
+    if args.server:
+        # Raw pixels: ask the server for the keys, paths and labels only, then work here.
+        from service.analysis.cluster import ClusterParams
+        from service.api.clusterer import request_from_params
+
+        probe = request_from_params(
+            args.collection,
+            ClusterParams(k=2, n_init=1),
+            keys=_keys_filter(args),
+            ground_truth_attribute=args.ground_truth or "",
+            include_details=True,
+        )
+        with _client(args) as client:
+            r = client.cluster(probe)
+        keys, paths = list(r.keys), list(r.paths)
+        truth = list(r.ground_truth) if args.ground_truth else None
+        x = _raw_features(paths, args)
+    else:
+        items = _local_items(args)
+        keys = items.keys
+        paths = [a.get("path", "") for a in items.attributes]
+        truth = items.attribute(args.ground_truth) if args.ground_truth else None
+        x = _raw_features(paths, args) if args.features == "raw" else items.vectors
+    result = cluster(x, params, truth=truth)
+    return ReportData.from_result(result, keys, truth=truth, paths=paths, title=title, details=details)
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+
+
+# -- commands -------------------------------------------------------------------------------------------------------
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    data = run_clustering(args, details=False)
+    k = f", k = {data.k}" if data.k is not None else ""
+    eps = f", eps = {data.eps:.4g}" if data.eps is not None else ""
+    print(f"{data.algorithm} on {data.backend}: {len(data.keys)} items{k}{eps}, {data.seconds:.2f} s")
+    if data.table is not None:
+        print(f"\ncluster by {args.ground_truth}:\n{data.table.format()}")
+    print("\nmetrics:")
+    for name, value in sorted(data.metrics.items()):
+        print(f"  {name:18s} {value:.4f}" if math.isfinite(value) else f"  {name:18s} n/a")
+    if data.sweep:
+        print("\nk sweep (silhouette, inertia):")
+        for s in data.sweep:
+            mark = "  <- chosen" if s.k == data.k else ""
+            print(f"  k={s.k:<4d} {s.silhouette:8.4f}  {s.inertia:12.4f}{mark}")
+    if args.json:
+        payload = {
+            "algorithm": data.algorithm,
+            "backend": data.backend,
+            "seconds": data.seconds,
+            "k": data.k,
+            "eps": data.eps,
+            "metrics": {n: _finite(v) for n, v in data.metrics.items()},
+            "assignments": dict(zip(data.keys, data.assignments.tolist(), strict=True)),
+            "table": None
+            if data.table is None
+            else {
+                "clusters": data.table.clusters,
+                "classes": data.table.classes,
+                "counts": data.table.counts.tolist(),
+            },
+            "sweep": [{"k": s.k, "silhouette": _finite(s.silhouette), "inertia": s.inertia} for s in data.sweep],
+        }
+        _write_json(args.json, payload)
+    return EXIT_OK
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from service.analysis import evaluate
+
+    _check_source(args)
+    if args.server:
+        if args.group_pattern:
+            raise UsageError("--group-pattern works on --parquet; against a server, store the group as an attribute")
+        from service.wire._proto.embedserve.v1 import cluster_pb2 as cpb
+
+        request = cpb.ProbeRequest(
+            collection=args.collection,
+            keys=_keys_filter(args),
+            target_attribute=args.target,
+            group_attribute=args.group or "",
+            classifier=cpb.PROBE_CLASSIFIER_KNN if args.classifier == "knn" else cpb.PROBE_CLASSIFIER_LOGREG,
+            folds=args.folds,
+            knn_k=args.knn_k,
+            seed=args.seed,
+        )
+        with _client(args) as client:
+            r = client.probe(request)
+        classes = [c.name for c in r.per_class]
+        result = evaluate.ProbeResult(
+            classifier=r.classifier,
+            folds=r.folds,
+            grouped_by=args.group or None,
+            accuracy=r.accuracy,
+            fold_accuracy=list(r.fold_accuracy),
+            chance=r.chance,
+            classes=classes,
+            per_class=[evaluate.ClassReport(c.name, c.precision, c.recall, c.f1, c.support) for c in r.per_class],
+            confusion=np.asarray(r.confusion, np.int64).reshape(len(classes), len(classes)),
+            predictions=[],
+        )
+    else:
+        items = _local_items(args)
+        truth = items.attribute(args.target)
+        groups, group_name = None, None
+        if args.group:
+            groups, group_name = items.attribute(args.group), args.group
+        elif args.group_pattern:
+            pattern = re.compile(args.group_pattern)
+            groups = []
+            for key in items.keys:
+                m = pattern.search(key)
+                if m is None:
+                    raise UsageError(f"--group-pattern {args.group_pattern!r} does not match key {key!r}")
+                groups.append(m.group(1) if m.groups() else m.group(0))
+            group_name = f"pattern {args.group_pattern}"
+        try:
+            result = evaluate.run_probe(
+                items.vectors,
+                truth,
+                classifier=args.classifier,
+                folds=args.folds,
+                groups=groups,
+                group_name=group_name,
+                knn_k=args.knn_k,
+                seed=args.seed,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    print(f"{len(result.confusion.sum(axis=1))} classes, {int(result.confusion.sum())} items")
+    print(result.format())
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "classifier": result.classifier,
+                "folds": result.folds,
+                "grouped_by": result.grouped_by,
+                "accuracy": result.accuracy,
+                "fold_accuracy": result.fold_accuracy,
+                "chance": result.chance,
+                "per_class": [
+                    {"class": c.name, "precision": c.precision, "recall": c.recall, "f1": c.f1, "support": c.support}
+                    for c in result.per_class
+                ],
+                "classes": result.classes,
+                "confusion": result.confusion.tolist(),
+            },
+        )
+    return EXIT_OK
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from service.analysis import evaluate
+    from service.analysis.cluster import cluster
+
+    _check_source(args)
+    examples = list(args.examples or [])
+    if args.examples_file:
+        examples += [ln.strip() for ln in Path(args.examples_file).read_text().splitlines() if ln.strip()]
+    if not examples and not args.cluster_id:
+        raise UsageError("give --examples KEY..., --examples-file FILE or --cluster-id N...")
+    by_cluster = args.by_cluster or bool(args.cluster_id)
+    unwanted_values = set(args.unwanted_values or [])
+    if args.unwanted_attribute and not unwanted_values:
+        raise UsageError("--unwanted-attribute needs --unwanted-values (the values that should be removed)")
+    removed_clusters: list[int] = []
+    if args.server:
+        from service.api.clusterer import request_from_params
+        from service.wire._proto.embedserve.v1 import cluster_pb2 as cpb
+
+        request = cpb.FilterRequest(
+            collection=args.collection,
+            keys=_keys_filter(args),
+            example_keys=examples,
+            cluster_ids=args.cluster_id or [],
+            by_cluster=by_cluster,
+            unwanted_attribute=args.unwanted_attribute or "",
+            unwanted_values=sorted(unwanted_values),
+        )
+        if by_cluster:
+            request.cluster.CopyFrom(request_from_params(args.collection, _params(args)))
+        if args.max_distance is not None:
+            request.max_distance = args.max_distance
+        with _client(args) as client:
+            r = client.filter(request)
+        result = evaluate.FilterResult(
+            remove=list(r.remove),
+            keep=list(r.keep),
+            method=r.method,
+            threshold=r.threshold if r.HasField("threshold") else None,
+            precision=r.precision if r.HasField("precision") else None,
+            recall=r.recall if r.HasField("recall") else None,
+            quality=r.quality if r.HasField("quality") else None,
+        )
+        removed_clusters = list(r.removed_clusters)
+    else:
+        items = _local_items(args)
+        unwanted = None
+        if args.unwanted_attribute:
+            marks = items.attribute(args.unwanted_attribute)
+            unwanted = [k for k, v in zip(items.keys, marks, strict=True) if v in unwanted_values]
+        try:
+            if by_cluster:
+                labels = cluster(items.vectors, _params(args)).labels
+                ids = set(args.cluster_id or []) | set(evaluate.example_clusters(items.keys, labels, examples))
+                removed_clusters = sorted(ids)
+                result = evaluate.filter_by_clusters(items.keys, labels, removed_clusters, unwanted=unwanted)
+            else:
+                result = evaluate.filter_by_examples(
+                    items.keys, items.vectors, examples, max_distance=args.max_distance, unwanted=unwanted
+                )
+        except KeyError as e:
+            raise UsageError(str(e.args[0]) if e.args else "unknown example key") from e
+        except ValueError as e:
+            if isinstance(e, EmbedServeError):
+                raise
+            raise UsageError(str(e)) from e
+    how = f"clusters {removed_clusters}" if result.method == "cluster" else f"distance <= {result.threshold:.4g}"
+    print(f"remove {len(result.remove)}, keep {len(result.keep)} (by {how})")
+    if result.precision is not None and result.recall is not None and result.quality is not None:
+        print(
+            f"precision {result.precision:.3f}, recall {result.recall:.3f}, "
+            f"quality 0.3·P + 0.7·R = {result.quality:.3f}"
+        )
+    if args.remove_out:
+        Path(args.remove_out).write_text("".join(f"{k}\n" for k in result.remove))
+    if args.keep_out:
+        Path(args.keep_out).write_text("".join(f"{k}\n" for k in result.keep))
+    if not args.remove_out and not args.json:
+        for key in result.remove:
+            print(key)
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "method": result.method,
+                "threshold": result.threshold,
+                "removed_clusters": removed_clusters,
+                "remove": result.remove,
+                "keep": result.keep,
+                "precision": result.precision,
+                "recall": result.recall,
+                "quality": result.quality,
+            },
+        )
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from service.analysis.report import write_report
+
+    data = run_clustering(args, details=True)
+    path = write_report(data, args.out, per_cluster=args.exemplars)
+    print(f"wrote {path} ({len(data.keys)} items, {data.algorithm} on {data.backend})", file=sys.stderr)
+    return EXIT_OK
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add `cluster`, `probe`, `filter` and `report` to the `embedserve` subcommands."""
+    c = sub.add_parser("cluster", parents=[common], help="cluster stored embeddings and score the clusters")
+    _add_source(c)
+    _add_cluster_options(c)
+    c.add_argument("--json", help="also write the assignments, metrics and table to this JSON file")
+    c.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("probe", parents=[common], help="cross-validated linear probe / kNN classifier on embeddings")
+    _add_source(p)
+    p.add_argument("--target", default="label", help="attribute to predict (default label)")
+    p.add_argument("--classifier", default="logreg", choices=["logreg", "knn"], help="classifier (default logreg)")
+    p.add_argument("--group", help="attribute whose values never straddle a split (e.g. patient)")
+    p.add_argument("--group-pattern", help="regex on the key whose first group is the group (Parquet only)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--knn-k", type=int, default=5, help="neighbours of the kNN classifier (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the folds")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_probe)
+
+    f = sub.add_parser("filter", parents=[common], help="find the images to remove: like examples, or in clusters")
+    _add_source(f)
+    f.add_argument("--examples", nargs="+", help="keys of unwanted images")
+    f.add_argument("--examples-file", help="file with keys of unwanted images, one per line")
+    f.add_argument("--cluster-id", type=int, nargs="+", help="remove these clusters (of the clustering options)")
+    f.add_argument("--by-cluster", action="store_true", help="remove the clusters holding the examples")
+    f.add_argument("--max-distance", type=float, help="remove items this close to an example (default: their spread)")
+    f.add_argument("--unwanted-attribute", help="score the removal: the attribute that marks unwanted items")
+    f.add_argument("--unwanted-values", nargs="+", help="values of --unwanted-attribute that should be removed")
+    f.add_argument("--remove-out", help="write the keys to remove to this file")
+    f.add_argument("--keep-out", help="write the keys to keep to this file")
+    f.add_argument("--json", help="also write the results to this JSON file")
+    _add_cluster_options(f, default_k="auto")
+    f.set_defaults(func=cmd_filter)
+
+    r = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a clustering")
+    _add_source(r)
+    _add_cluster_options(r)
+    r.add_argument("--out", required=True, help="HTML file to write")
+    r.add_argument("--exemplars", type=int, default=8, help="thumbnails per cluster (default 8)")
+    r.set_defaults(func=cmd_report)
