@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.embedserve-installed
 ARGS ?=
 
-.PHONY: setup run test lint format embed-sample proto clean
+.PHONY: setup run test lint format embed-sample proto clean fuzz
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ format: setup
 
 proto: setup
 	$(BIN)/python -m service.wire.protos
+
+# Long mutation fuzzing of decode (the harness of tests/unit/embedding/test_decode_fuzz.py): make fuzz SECONDS=1800
+SECONDS ?= 1800
+fuzz: setup
+	$(BIN)/python -m tests.unit.embedding.fuzz_decode --seconds $(SECONDS)
 
 embed-sample: setup
 	$(BIN)/embedserve embed tests/data/oct-sample --out var/oct-sample.parquet

@@ -341,7 +341,7 @@ def _agreement(out: Path, root: Path, paths: Sequence[Path], vectors: np.ndarray
 
 def bench_grpc(cfg_file: Path | None, paths: Sequence[Path], clients: int, request_size: int, offline: float) -> Stage:
     """The server in its own process, `clients` threads each sending `request_size` images per call."""
-    from service.client.sync import EmbedClient
+    from service.client import EmbedClient
 
     datas = [(p.name, p.read_bytes()) for p in paths]
     cmd = [

@@ -34,6 +34,17 @@ ExactBackend = Literal["auto", "faiss", "torch"]
 
 ENV_PREFIX = "EMBEDSERVE_"
 
+PILLOW_READ_FORMATS = frozenset(
+    {
+        "AVIF", "BLP", "BMP", "BUFR", "CUR", "DCX", "DDS", "DIB", "EPS", "FITS", "FLI", "FTEX", "GBR", "GIF",
+        "GRIB", "HDF5", "ICNS", "ICO", "IM", "IMT", "IPTC", "JPEG", "JPEG2000", "MCIDAS", "MPEG", "MSP", "PCD",
+        "PCX", "PIXAR", "PNG", "PPM", "PSD", "QOI", "SGI", "SPIDER", "SUN", "TGA", "TIFF", "WEBP", "WMF", "XBM",
+        "XPM", "XVTHUMB",
+    }
+)  # fmt: skip
+"""The format names Pillow can open (`PIL.Image.OPEN` after `Image.init()`); a test keeps this in step with Pillow."""
+DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -88,8 +99,21 @@ class DecodeConfig:
     Faster decode, slightly different pixels (cosine to a full decode >= 0.98 on OCT scans)."""
     workers: int = 0
     """Threads that decode in parallel with inference; 0 = one per CPU core."""
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    """Pillow format names accepted; anything else is `unsupported_image` and its Pillow plugin is never run.
+    TOML: `formats = ["JPEG", "PNG"]`; environment: `EMBEDSERVE_DECODE_FORMATS=JPEG,PNG`."""
 
     def __post_init__(self) -> None:
+        formats = tuple(str(f).strip().upper() for f in self.formats)
+        object.__setattr__(self, "formats", formats)  # normalised once, so every reader sees upper-case names
+        if not formats:
+            raise ConfigError(f"decode.formats is empty; list the formats to accept, e.g. {', '.join(DEFAULT_FORMATS)}")
+        unknown = [f for f in formats if f not in PILLOW_READ_FORMATS]
+        if unknown:
+            raise ConfigError(
+                f"decode.formats has {', '.join(unknown)}, which Pillow cannot read; use Pillow format names "
+                f"such as {', '.join(DEFAULT_FORMATS)} (all: {', '.join(sorted(PILLOW_READ_FORMATS))})"
+            )
         _check_choice("decode.backend", self.backend, ("auto", "dali", "torchvision", "pillow"))
         _check_choice("decode.resize", self.resize, ("squash", "letterbox"))
         _check_choice("decode.pad", self.pad, ("zero", "white", "edge"))
@@ -125,8 +149,16 @@ class BatcherConfig:
     """How long the first image of a batch waits for others before the batch runs anyway."""
     max_queue_size: int = 1024
     """Most images waiting; beyond it new requests are refused with RESOURCE_EXHAUSTED."""
+    max_consecutive_failed_batches: int = 5
+    """A batch that fails unexpectedly fails only its own requests (INTERNAL); this many failed batches in a row
+    (or one CUDA error that poisons the device) stop the batcher and flip health to NOT_SERVING."""
 
     def __post_init__(self) -> None:
+        if self.max_consecutive_failed_batches <= 0:
+            raise ConfigError(
+                f"batcher.max_consecutive_failed_batches={self.max_consecutive_failed_batches} must be at least 1 "
+                "(1 = the first failed batch stops the server)"
+            )
         if self.max_batch_size <= 0:
             raise ConfigError(f"batcher.max_batch_size={self.max_batch_size} must be positive (e.g. 64)")
         if self.max_queue_delay_ms < 0:
@@ -292,6 +324,12 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{name}={value!r} must be a number") from e
     if annotation is str:
         return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, list | tuple):
+            return tuple(str(part) for part in value)
+        raise ConfigError(f"{name}={value!r} must be a list (TOML) or comma-separated names (environment)")
     return value
 
 

@@ -61,6 +61,22 @@ class EngineUnavailableError(EmbedServeError):
     """The batcher is not running: starting, shutting down, or its engine failed (UNAVAILABLE)."""
 
 
+class InvalidRequestError(EmbedServeError):
+    """The request breaks a limit, names an unknown option or cannot be served as asked (INVALID_ARGUMENT)."""
+
+
+class ClusterRequestError(InvalidRequestError):
+    """A cluster, probe or filter request cannot be served as asked (INVALID_ARGUMENT); the message says why."""
+
+
+class NotAvailableYetError(EmbedServeError):
+    """The request asks for something this server cannot do in its current state (FAILED_PRECONDITION)."""
+
+
+class NoIndexError(EmbedServeError):
+    """This server has no index to read vectors from (UNAVAILABLE)."""
+
+
 class BatchFailedError(EmbedServeError):
     """One batch failed for an unexpected reason; its requests fail (INTERNAL, with the request id), the server
     keeps serving. The message is generic on purpose: the cause is in the server log, not sent to clients."""

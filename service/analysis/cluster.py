@@ -30,28 +30,25 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
 from service.analysis import evaluate
+from service.devices import cuda_available, resolve_device
 from service.errors import ConfigError, EmbedServeError
+from service.types import (  # noqa: F401  (re-exported: the records live in service.types)
+    ALGORITHMS,
+    BACKENDS,
+    Algorithm,
+    BackendName,
+    ClusterParams,
+    ClusterResult,
+    SweepPoint,
+)
 
 logger = logging.getLogger(__name__)
 
-Algorithm = Literal["kmeans", "dbscan", "hdbscan", "optics", "kmedoids"]
-BackendName = Literal["auto", "cuml", "torch", "faiss", "sklearn", "kmedoids"]
-
-ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
-BACKENDS: dict[str, tuple[str, ...]] = {
-    "kmeans": ("cuml", "torch", "faiss", "sklearn"),
-    "dbscan": ("cuml", "torch", "sklearn"),
-    "hdbscan": ("cuml", "sklearn"),
-    "optics": ("sklearn",),
-    "kmedoids": ("kmedoids",),
-}
-"""The backends of each algorithm, in the order `auto` tries them."""
 
 _GPU_BACKENDS = frozenset({"cuml", "torch"})
 KMEDOIDS_MAX_ITEMS = 20_000
@@ -66,129 +63,7 @@ class BackendUnavailableError(EmbedServeError):
     """The requested backend cannot run here (package missing, no CUDA, or not for this algorithm)."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class ClusterParams:
-    """What to run and how; validated on construction (ConfigError says how to fix a bad value)."""
-
-    algorithm: Algorithm = "kmeans"
-    """kmeans | dbscan | hdbscan | optics | kmedoids."""
-    backend: BackendName = "auto"
-    """Where to run; `auto` takes the first available of `BACKENDS[algorithm]`."""
-    k: int | None = None
-    """Clusters for kmeans/kmedoids; None sweeps k_min..k_max and picks the best silhouette."""
-    k_min: int = 2
-    """Smallest k of the sweep."""
-    k_max: int = 10
-    """Largest k of the sweep (capped at n - 1)."""
-    eps: float | None = None
-    """DBSCAN radius (euclidean); None takes the knee of the k-distance curve."""
-    min_samples: int = 5
-    """DBSCAN/HDBSCAN/OPTICS: neighbours (the point included) that make a core point; k of the k-distance curve."""
-    min_cluster_size: int = 5
-    """HDBSCAN/OPTICS: the smallest group that counts as a cluster."""
-    max_iter: int = 100
-    """K-means/K-medoids iterations per run."""
-    n_init: int = 4
-    """K-means restarts (the lowest inertia wins)."""
-    seed: int = 0
-    """Seeds initialisation and sampling: same seed, same backend, same result."""
-    pca_dim: int | None = None
-    """Project onto this many principal components first (None: cluster the vectors as they are)."""
-    silhouette_sample: int = 5000
-    """Silhouettes use a random sample of this many points when there are more."""
-    curves: bool = False
-    """Also compute the silhouette-vs-k sweep and the k-distance curve when the algorithm does not need them."""
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in BACKENDS:
-            raise ConfigError(f"unknown algorithm {self.algorithm!r}; use one of {', '.join(ALGORITHMS)}")
-        if self.backend != "auto" and self.backend not in BACKENDS[self.algorithm]:
-            raise ConfigError(
-                f"backend {self.backend!r} has no {self.algorithm}; use auto or one of "
-                f"{', '.join(BACKENDS[self.algorithm])}"
-            )
-        if self.k is not None and self.k < 1:
-            raise ConfigError(f"k must be >= 1 (or unset for a sweep), got {self.k}")
-        if not 2 <= self.k_min <= self.k_max:
-            raise ConfigError(f"the k sweep needs 2 <= k_min <= k_max, got {self.k_min}..{self.k_max}")
-        if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
-            raise ConfigError(f"eps must be a positive number (or unset for auto), got {self.eps}")
-        for name in ("min_samples", "max_iter", "n_init", "silhouette_sample"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_cluster_size < 2:
-            raise ConfigError(f"min_cluster_size must be >= 2, got {self.min_cluster_size}")
-        if self.pca_dim is not None and self.pca_dim < 1:
-            raise ConfigError(f"pca_dim must be >= 1 (or unset for no PCA), got {self.pca_dim}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
-
-
-@dataclass(frozen=True, slots=True)
-class SweepPoint:
-    """One k of a K-means/K-medoids sweep: its silhouette (NaN when undefined) and inertia."""
-
-    k: int
-    silhouette: float
-    inertia: float
-
-
-@dataclass(kw_only=True)
-class ClusterResult:
-    """The same structure from every backend.
-
-    `labels`: int64 (n,), clusters 0..n_clusters-1, noise -1. `centers`: float32 (n_clusters, d) in the space
-    that was clustered (after PCA) for kmeans (centroids) and kmedoids (medoids), else None. `medoids`: item
-    indices of the medoids (kmedoids) or None. `noise`: bool (n,). `metrics`: see `service.analysis.evaluate`
-    (silhouette, n_clusters, noise_fraction, ... and, with a ground truth, accuracy, nmi, ari, purity; inertia
-    for kmeans/kmedoids). `sweep`: the silhouette-vs-k curve; `k_distance`: the sorted distances of every
-    point to its `min_samples`-th neighbour (the point itself counted first); `eps`: the radius DBSCAN used.
-    `features`: the vectors that were clustered (after PCA).
-    """
-
-    algorithm: str
-    backend: str
-    labels: np.ndarray
-    noise: np.ndarray
-    centers: np.ndarray | None
-    medoids: np.ndarray | None
-    seconds: float
-    metrics: dict[str, float]
-    params: ClusterParams
-    k: int | None = None
-    eps: float | None = None
-    sweep: list[SweepPoint] = field(default_factory=list)
-    k_distance: np.ndarray | None = None
-    table: evaluate.Contingency | None = None
-    features: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.float32))
-
-    @property
-    def n_clusters(self) -> int:
-        return len(set(self.labels.tolist()) - {evaluate.NOISE})
-
-    def center_distances(self) -> np.ndarray:
-        """Euclidean distance of every item to the centre of its cluster (the centroid/medoid, else the member
-        mean); NaN for noise."""
-        out = np.full(self.labels.shape[0], np.nan, dtype=np.float32)
-        for c in range(self.n_clusters):
-            members = self.labels == c
-            if not members.any():
-                continue
-            center = self.centers[c] if self.centers is not None else self.features[members].mean(axis=0)
-            out[members] = np.linalg.norm(self.features[members] - center, axis=1)
-        return out
-
-
 # -- availability -------------------------------------------------------------------------------------------------
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA device."""
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def backend_available(backend: str) -> tuple[bool, str]:
@@ -470,7 +345,7 @@ def kmeans_torch(
 
     from kernels.kmeans import kmeans_assign, kmeans_update
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
     n = t.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -630,7 +505,7 @@ def dbscan_torch(
     """
     import torch
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
     n = t.shape[0]
     sq = (t * t).sum(dim=1)

@@ -16,44 +16,30 @@ Everything here runs on the CPU (numpy, scipy, scikit-learn).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from service.types import (
+    NOISE,
+    Classifier,
+    ClassReport,
+    Contingency,
+    FilterResult,
+    ProbeResult,
+)
+
 logger = logging.getLogger(__name__)
 
-NOISE = -1
-"""The cluster id of points a density algorithm leaves unassigned."""
 
 QUALITY_PRECISION_WEIGHT = 0.3
 """Weight of precision in the filtering quality score (recall gets the rest), as in the filtering studies."""
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Contingency:
-    """The cluster-by-class table: `counts[i, j]` items of cluster `clusters[i]` have class `classes[j]`."""
-
-    clusters: list[int]
-    classes: list[str]
-    counts: np.ndarray
-
-    def format(self) -> str:
-        """The table as aligned text, one row per cluster, with a total column."""
-        head = ["cluster", *self.classes, "total"]
-        rows = [
-            [("noise" if c == NOISE else str(c)), *(str(int(v)) for v in row), str(int(row.sum()))]
-            for c, row in zip(self.clusters, self.counts, strict=True)
-        ]
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in [head, *rows]]
-        return "\n".join(lines)
 
 
 def contingency(truth: Sequence[str], labels: np.ndarray) -> Contingency:
@@ -186,58 +172,6 @@ def pca_reduce(x: np.ndarray, dim: int, *, seed: int = 0) -> np.ndarray:
 
 # -- supervised probes ----------------------------------------------------------------------------------------------
 
-Classifier = Literal["logreg", "knn"]
-
-
-@dataclass(frozen=True, slots=True)
-class ClassReport:
-    """Precision, recall and F1 of one class over all cross-validation folds, and how many items it has."""
-
-    name: str
-    precision: float
-    recall: float
-    f1: float
-    support: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    """Out-of-fold predictions of a classifier on embeddings: accuracy, per-class scores, confusion matrix.
-
-    `confusion[i, j]` counts items of class `classes[i]` predicted as `classes[j]`. `fold_accuracy` holds each
-    fold's accuracy; `chance` is the accuracy of always predicting the most frequent class.
-    """
-
-    classifier: str
-    folds: int
-    grouped_by: str | None
-    accuracy: float
-    fold_accuracy: list[float]
-    chance: float
-    classes: list[str]
-    per_class: list[ClassReport]
-    confusion: np.ndarray
-    predictions: list[str] = field(repr=False)
-
-    def format(self) -> str:
-        """A short text report: accuracy, per-class scores and the confusion matrix."""
-        group = f", grouped by {self.grouped_by}" if self.grouped_by else ""
-        std = float(np.std(self.fold_accuracy)) if self.fold_accuracy else 0.0
-        lines = [
-            f"{self.classifier}: accuracy {self.accuracy:.3f} (± {std:.3f} over {self.folds} folds{group}); "
-            f"chance {self.chance:.3f}",
-            f"{'class':>12}  precision  recall     f1  support",
-        ]
-        lines += [
-            f"{c.name:>12}  {c.precision:9.3f}  {c.recall:6.3f}  {c.f1:5.3f}  {c.support:7d}" for c in self.per_class
-        ]
-        width = max(6, *(len(c) for c in self.classes))
-        lines.append("confusion (rows true, columns predicted):")
-        lines.append(" " * width + "  " + "  ".join(c.rjust(width) for c in self.classes))
-        for name, row in zip(self.classes, self.confusion, strict=True):
-            lines.append(name.rjust(width) + "  " + "  ".join(str(int(v)).rjust(width) for v in row))
-        return "\n".join(lines)
-
 
 def run_probe(
     x: np.ndarray,
@@ -321,23 +255,6 @@ def run_probe(
 # -- filtering ------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class FilterResult:
-    """Keys to remove and to keep; with the truly unwanted keys known, how good the removal is.
-
-    `quality` is 0.3·precision + 0.7·recall (missing an unwanted image costs more than dropping a good one).
-    `threshold` is the distance used by example-distance filtering.
-    """
-
-    remove: list[str]
-    keep: list[str]
-    method: str
-    threshold: float | None = None
-    precision: float | None = None
-    recall: float | None = None
-    quality: float | None = None
-
-
 def filter_quality(removed: Sequence[str], unwanted: Sequence[str]) -> tuple[float, float, float]:
     """(precision, recall, 0.3·precision + 0.7·recall) of removing `removed` when `unwanted` should go."""
     rem, bad = set(removed), set(unwanted)
@@ -366,7 +283,8 @@ def filter_by_clusters(
     if len(keys) != labels.shape[0]:
         raise ValueError(f"{len(keys)} keys for {labels.shape[0]} labels")
     mask = np.isin(labels, np.asarray(list(clusters), dtype=np.int64))
-    return _result(keys, mask, "cluster", unwanted, None)
+    result = _result(keys, mask, "cluster", unwanted, None)
+    return dataclasses.replace(result, removed_clusters=sorted({int(c) for c in clusters}))
 
 
 def example_clusters(keys: Sequence[str], labels: np.ndarray, examples: Sequence[str]) -> list[int]:

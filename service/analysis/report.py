@@ -1,7 +1,7 @@
 """One self-contained HTML page about a clustering: plots as inline SVG, thumbnails as base64 JPEG.
 
     data = ReportData.from_result(result, keys, truth=labels, paths=paths)     # local clustering
-    data = ReportData.from_response(response)                                  # a Cluster RPC with include_details
+    data = ReportData.from_clustering(clustering)                              # ClusterClient.cluster, details
     Path("report.html").write_text(render_report(data))
 
 Sections (each an `<section id=...>`): `metrics` (the metrics table), `projection` (2-D PCA coloured by cluster
@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from service.analysis import evaluate
-from service.analysis.cluster import ClusterResult, SweepPoint
-from service.wire._proto.embedserve.v1 import cluster_pb2 as cpb
+from service.types import Clustering, ClusterResult, SweepPoint
 
 logger = logging.getLogger(__name__)
 
@@ -98,32 +97,27 @@ class ReportData:
         )
 
     @classmethod
-    def from_response(cls, r: cpb.ClusterResponse, *, title: str = "embedserve clustering report") -> ReportData:
-        n = len(r.keys)
-        table = None
-        if r.table.classes:
-            counts = np.asarray(r.table.counts, np.int64).reshape(len(r.table.clusters), len(r.table.classes))
-            table = evaluate.Contingency(clusters=list(r.table.clusters), classes=list(r.table.classes), counts=counts)
-        proj = np.zeros((n, 2), np.float32)
-        if r.projection.rows:
-            proj = np.frombuffer(r.projection.data, "<f4").reshape(r.projection.rows, r.projection.cols)[:, :2]
+    def from_clustering(cls, c: Clustering, *, title: str = "embedserve clustering report") -> ReportData:
+        """From a clustering that came over the wire (a Cluster call with details: projection, truth, paths)."""
+        r, n = c.result, len(c.keys)
         return cls(
             title=title,
-            keys=list(r.keys),
-            assignments=np.asarray(r.assignments, np.int64),
-            truth=list(r.ground_truth) or None,
-            paths=list(r.paths) if any(r.paths) else None,
-            projection=proj,
-            center_distance=np.asarray(r.center_distance, np.float32) if r.center_distance else np.full(n, np.nan),
+            keys=list(c.keys),
+            assignments=r.labels,
+            truth=c.truth,
+            paths=c.paths if c.paths and any(c.paths) else None,
+            projection=c.projection[:, :2] if c.projection is not None else np.zeros((n, 2), np.float32),
+            center_distance=c.center_distance if c.center_distance is not None else np.full(n, np.nan),
             algorithm=r.algorithm,
             backend=r.backend,
             seconds=r.seconds,
-            k=r.k or None,
-            eps=r.eps if r.HasField("eps") else None,
+            k=r.k,
+            eps=r.eps,
             metrics=dict(r.metrics),
-            table=table,
-            sweep=[SweepPoint(k=s.k, silhouette=s.silhouette, inertia=s.inertia) for s in r.sweep],
-            k_distance=np.asarray(r.k_distance, np.float64) if r.k_distance else None,
+            table=r.table,
+            sweep=list(r.sweep),
+            k_distance=r.k_distance,
+            min_samples=r.params.min_samples,
         )
 
 

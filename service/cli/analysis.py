@@ -14,42 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.errors import EmbedServeError
+from service.app.analysis import cluster_items, filter_items, probe_items
+from service.cli.common import EXIT_OK, UsageError, token
+from service.types import FetchedItems, FilterQuery, ProbeQuery
 
-EXIT_OK = 0
-
-
-class UsageError(EmbedServeError):
-    """The command line asks for something that cannot be done; the message says how to fix it."""
+__all__ = ["UsageError", "load_parquet", "register", "run_clustering"]
 
 
-@dataclass(frozen=True, slots=True)
-class Items:
-    """Vectors with their keys and attributes (every string column of a Parquet file)."""
-
-    keys: list[str]
-    vectors: np.ndarray
-    attributes: list[dict[str, str]]
-
-    def attribute(self, name: str) -> list[str]:
-        values = [a.get(name, "") for a in self.attributes]
-        if values and not any(values):
-            known = sorted({k for a in self.attributes for k in a})
-            raise UsageError(f"no item has the attribute {name!r}; known: {', '.join(known) or 'none'}")
-        return values
-
-
-def load_parquet(path: str | Path) -> Items:
+def load_parquet(path: str | Path) -> FetchedItems:
     """Keys, embeddings and string attributes (path, label, ...) of a Parquet file written by `embedserve embed`."""
     import pyarrow.parquet as pq
 
@@ -67,7 +47,7 @@ def load_parquet(path: str | Path) -> Items:
         {n: str(columns[n][i]) for n in names if columns[n][i] is not None and isinstance(columns[n][i], str)}
         for i in range(len(keys))
     ]
-    return Items(keys=keys, vectors=vectors, attributes=attributes)
+    return FetchedItems(keys=keys, vectors=vectors, attributes=attributes)
 
 
 # -- shared options -------------------------------------------------------------------------------------------------
@@ -156,11 +136,10 @@ def _check_source(args: argparse.Namespace) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from service.client.cluster import ClusterClient
 
-    token = args.token or os.environ.get("EMBEDSERVE_TOKEN", "")
-    return ClusterClient(args.server, token=token or None, timeout=args.timeout)
+    return ClusterClient(args.server, token=token(args), timeout=args.timeout)
 
 
-def _local_items(args: argparse.Namespace) -> Items:
+def _local_items(args: argparse.Namespace) -> FetchedItems:
     items = load_parquet(args.parquet)
     wanted = _keys_filter(args)
     if wanted:
@@ -169,7 +148,7 @@ def _local_items(args: argparse.Namespace) -> Items:
         if missing:
             raise UsageError(f"{len(missing)} keys of --keys-file are not in {args.parquet}: {', '.join(missing[:5])}")
         rows = [index[k] for k in wanted]
-        items = Items(wanted, items.vectors[rows], [items.attributes[i] for i in rows])
+        items = FetchedItems(wanted, items.vectors[rows], [items.attributes[i] for i in rows])
     return items
 
 
@@ -186,49 +165,47 @@ def _raw_features(paths: Sequence[str], args: argparse.Namespace) -> np.ndarray:
 
 def run_clustering(args: argparse.Namespace, *, details: bool) -> Any:
     """Cluster as the arguments say, locally or on the server; returns a `ReportData`."""
-    from service.analysis.cluster import cluster
     from service.analysis.report import ReportData
 
     _check_source(args)
     params = _params(args, curves=details)
     title = f"embedserve: {args.algorithm} on {args.parquet or args.collection}"
     if args.server and args.features == "embedding":
-        from service.api.clusterer import request_from_params
-
-        request = request_from_params(
-            args.collection,
-            params,
-            keys=_keys_filter(args),
-            ground_truth_attribute=args.ground_truth or "",
-            include_details=details,
-        )
         with _client(args) as client:
-            return ReportData.from_response(client.cluster(request), title=title)
+            clustering = client.cluster(
+                args.collection,
+                params,
+                keys=_keys_filter(args),
+                ground_truth_attribute=args.ground_truth or "",
+                include_details=details,
+            )
+        return ReportData.from_clustering(clustering, title=title)
     if args.server:
         # Raw pixels: ask the server for the keys, paths and labels only, then work here.
         from service.analysis.cluster import ClusterParams
-        from service.api.clusterer import request_from_params
 
-        probe = request_from_params(
-            args.collection,
-            ClusterParams(k=2, n_init=1),
-            keys=_keys_filter(args),
-            ground_truth_attribute=args.ground_truth or "",
-            include_details=True,
-        )
         with _client(args) as client:
-            r = client.cluster(probe)
-        keys, paths = list(r.keys), list(r.paths)
-        truth = list(r.ground_truth) if args.ground_truth else None
-        x = _raw_features(paths, args)
+            r = client.cluster(
+                args.collection,
+                ClusterParams(k=2, n_init=1),
+                keys=_keys_filter(args),
+                ground_truth_attribute=args.ground_truth or "",
+                include_details=True,
+            )
+        paths = r.paths or [""] * len(r.keys)
+        attributes = [{"path": p} for p in paths]
+        if args.ground_truth and r.truth:
+            for a, t in zip(attributes, r.truth, strict=True):
+                a[args.ground_truth] = t
+        items = FetchedItems(r.keys, _raw_features(paths, args), attributes)
     else:
         items = _local_items(args)
-        keys = items.keys
-        paths = [a.get("path", "") for a in items.attributes]
-        truth = items.attribute(args.ground_truth) if args.ground_truth else None
-        x = _raw_features(paths, args) if args.features == "raw" else items.vectors
-    result = cluster(x, params, truth=truth)
-    return ReportData.from_result(result, keys, truth=truth, paths=paths, title=title, details=details)
+        if args.features == "raw":
+            items = FetchedItems(
+                items.keys, _raw_features([a.get("path", "") for a in items.attributes], args), items.attributes
+            )
+    clustering = cluster_items(items, params, ground_truth_attribute=args.ground_truth or "", include_details=details)
+    return ReportData.from_clustering(clustering, title=title)
 
 
 def _finite(v: float) -> float | None:
@@ -280,46 +257,25 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from service.analysis import evaluate
-
     _check_source(args)
     if args.server:
         if args.group_pattern:
             raise UsageError("--group-pattern works on --parquet; against a server, store the group as an attribute")
-        from service.wire._proto.embedserve.v1 import cluster_pb2 as cpb
-
-        request = cpb.ProbeRequest(
-            collection=args.collection,
-            keys=_keys_filter(args),
-            target_attribute=args.target,
-            group_attribute=args.group or "",
-            classifier=cpb.PROBE_CLASSIFIER_KNN if args.classifier == "knn" else cpb.PROBE_CLASSIFIER_LOGREG,
-            folds=args.folds,
-            knn_k=args.knn_k,
-            seed=args.seed,
-        )
         with _client(args) as client:
-            r = client.probe(request)
-        classes = [c.name for c in r.per_class]
-        result = evaluate.ProbeResult(
-            classifier=r.classifier,
-            folds=r.folds,
-            grouped_by=args.group or None,
-            accuracy=r.accuracy,
-            fold_accuracy=list(r.fold_accuracy),
-            chance=r.chance,
-            classes=classes,
-            per_class=[evaluate.ClassReport(c.name, c.precision, c.recall, c.f1, c.support) for c in r.per_class],
-            confusion=np.asarray(r.confusion, np.int64).reshape(len(classes), len(classes)),
-            predictions=[],
-        )
+            result = client.probe(
+                args.collection,
+                args.target,
+                keys=_keys_filter(args),
+                group_attribute=args.group or "",
+                classifier=args.classifier,
+                folds=args.folds,
+                knn_k=args.knn_k,
+                seed=args.seed,
+            )
     else:
         items = _local_items(args)
-        truth = items.attribute(args.target)
         groups, group_name = None, None
-        if args.group:
-            groups, group_name = items.attribute(args.group), args.group
-        elif args.group_pattern:
+        if args.group_pattern and not args.group:
             pattern = re.compile(args.group_pattern)
             groups = []
             for key in items.keys:
@@ -328,19 +284,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
                     raise UsageError(f"--group-pattern {args.group_pattern!r} does not match key {key!r}")
                 groups.append(m.group(1) if m.groups() else m.group(0))
             group_name = f"pattern {args.group_pattern}"
-        try:
-            result = evaluate.run_probe(
-                items.vectors,
-                truth,
-                classifier=args.classifier,
-                folds=args.folds,
-                groups=groups,
-                group_name=group_name,
-                knn_k=args.knn_k,
-                seed=args.seed,
-            )
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+        query = ProbeQuery(
+            collection=args.parquet,
+            target_attribute=args.target,
+            group_attribute=args.group or "",
+            classifier=args.classifier,
+            folds=args.folds,
+            knn_k=args.knn_k,
+            seed=args.seed,
+        )
+        result = probe_items(items, query, groups=groups, group_name=group_name)
     print(f"{len(result.confusion.sum(axis=1))} classes, {int(result.confusion.sum())} items")
     print(result.format())
     if args.json:
@@ -365,9 +318,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from service.analysis import evaluate
-    from service.analysis.cluster import cluster
-
     _check_source(args)
     examples = list(args.examples or [])
     if args.examples_file:
@@ -378,58 +328,32 @@ def cmd_filter(args: argparse.Namespace) -> int:
     unwanted_values = set(args.unwanted_values or [])
     if args.unwanted_attribute and not unwanted_values:
         raise UsageError("--unwanted-attribute needs --unwanted-values (the values that should be removed)")
-    removed_clusters: list[int] = []
     if args.server:
-        from service.api.clusterer import request_from_params
-        from service.wire._proto.embedserve.v1 import cluster_pb2 as cpb
-
-        request = cpb.FilterRequest(
-            collection=args.collection,
-            keys=_keys_filter(args),
+        with _client(args) as client:
+            result = client.filter(
+                args.collection,
+                keys=_keys_filter(args),
+                example_keys=examples,
+                cluster_ids=args.cluster_id or [],
+                by_cluster=by_cluster,
+                params=_params(args) if by_cluster else None,
+                max_distance=args.max_distance,
+                unwanted_attribute=args.unwanted_attribute or "",
+                unwanted_values=sorted(unwanted_values),
+            )
+    else:
+        query = FilterQuery(
+            collection=args.parquet,
             example_keys=examples,
             cluster_ids=args.cluster_id or [],
             by_cluster=by_cluster,
+            cluster=_params(args) if by_cluster else None,
+            max_distance=args.max_distance,
             unwanted_attribute=args.unwanted_attribute or "",
             unwanted_values=sorted(unwanted_values),
         )
-        if by_cluster:
-            request.cluster.CopyFrom(request_from_params(args.collection, _params(args)))
-        if args.max_distance is not None:
-            request.max_distance = args.max_distance
-        with _client(args) as client:
-            r = client.filter(request)
-        result = evaluate.FilterResult(
-            remove=list(r.remove),
-            keep=list(r.keep),
-            method=r.method,
-            threshold=r.threshold if r.HasField("threshold") else None,
-            precision=r.precision if r.HasField("precision") else None,
-            recall=r.recall if r.HasField("recall") else None,
-            quality=r.quality if r.HasField("quality") else None,
-        )
-        removed_clusters = list(r.removed_clusters)
-    else:
-        items = _local_items(args)
-        unwanted = None
-        if args.unwanted_attribute:
-            marks = items.attribute(args.unwanted_attribute)
-            unwanted = [k for k, v in zip(items.keys, marks, strict=True) if v in unwanted_values]
-        try:
-            if by_cluster:
-                labels = cluster(items.vectors, _params(args)).labels
-                ids = set(args.cluster_id or []) | set(evaluate.example_clusters(items.keys, labels, examples))
-                removed_clusters = sorted(ids)
-                result = evaluate.filter_by_clusters(items.keys, labels, removed_clusters, unwanted=unwanted)
-            else:
-                result = evaluate.filter_by_examples(
-                    items.keys, items.vectors, examples, max_distance=args.max_distance, unwanted=unwanted
-                )
-        except KeyError as e:
-            raise UsageError(str(e.args[0]) if e.args else "unknown example key") from e
-        except ValueError as e:
-            if isinstance(e, EmbedServeError):
-                raise
-            raise UsageError(str(e)) from e
+        result = filter_items(_local_items(args), query)
+    removed_clusters = result.removed_clusters
     how = f"clusters {removed_clusters}" if result.method == "cluster" else f"distance <= {result.threshold:.4g}"
     print(f"remove {len(result.remove)}, keep {len(result.keep)} (by {how})")
     if result.precision is not None and result.recall is not None and result.quality is not None:

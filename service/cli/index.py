@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from service.errors import EmbedServeError
-
-EXIT_OK = 0
+from service.cli.common import EXIT_OK, UsageError, token
 
 
-class ExportError(EmbedServeError):
-    """The export cannot be written as asked."""
-
-
-def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the `neighbors` and `export` subcommands to the `embedserve` parser."""
     neighbors = sub.add_parser(
         "neighbors", parents=[common], help="nearest stored items to a stored key or to an image file"
@@ -50,21 +44,17 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     export.set_defaults(func=cmd_export)
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    return args.token or os.environ.get("EMBEDSERVE_TOKEN") or None
-
-
 def cmd_neighbors(args: argparse.Namespace) -> int:
-    from service.client.sync import EmbedClient, NeighborQuery
+    from service.client import EmbedClient, NeighborQuery
 
     if args.image is not None:
         try:
             query = NeighborQuery(image=Path(args.image).read_bytes())
         except OSError as e:
-            raise ExportError(f"cannot read {args.image}: {e.strerror or e}") from e
+            raise UsageError(f"cannot read {args.image}: {e.strerror or e}") from e
     else:
         query = NeighborQuery(key=args.key)
-    with EmbedClient(args.server, token=_token(args)) as client:
+    with EmbedClient(args.server, token=token(args)) as client:
         info = client.collection_info(args.collection)
         result = client.neighbors(
             [query],
@@ -74,7 +64,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
             exclude_self=args.key is not None and not args.include_self,
         )[0]
     if result.error is not None:
-        raise ExportError(f"{result.error.reason}: {result.error.message}")
+        raise UsageError(f"{result.error.reason}: {result.error.message}")
     what = f"key {args.key}" if args.key is not None else f"image {args.image}"
     direction = "higher is closer" if info.metric == "cosine" else "squared distance, lower is closer"
     print(
@@ -92,13 +82,13 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from service.client.sync import EmbedClient
+    from service.client import EmbedClient
     from service.jobs.embed_dir import schema_for, write_parquet_atomic
 
     out = Path(args.out)
     if out.suffix.lower() != ".parquet":
-        raise ExportError(f"--out {out} should end in .parquet")
-    with EmbedClient(args.server, token=_token(args)) as client:
+        raise UsageError(f"--out {out} should end in .parquet")
+    with EmbedClient(args.server, token=token(args)) as client:
         info = client.collection_info(args.collection)
         model = dataclasses.replace(client.model_info(), embedding_dim=info.dim)
         schema = schema_for(model)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.errors import ModelError
+from service import devices
+from service.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -417,11 +418,8 @@ def _optimized(module: nn.Module, optimize: str) -> Callable[[torch.Tensor], tor
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error that says so."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device=cuda was asked for but no CUDA GPU is available; use device=cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise ModelError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
+    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is a `ModelError` that says so."""
+    try:
+        return devices.resolve_device(device)
+    except ConfigError as e:
+        raise ModelError(str(e)) from e

@@ -13,8 +13,12 @@ Images of many small concurrent requests run together through one forward pass:
   pool. Decoding of the next batch overlaps the forward pass of the current one.
 - The runner is the only caller of `engine.run`, on a single owner thread; before running it drops items
   cancelled or expired while they were decoded, so their images never reach the model.
-- If a background task dies, every pending future fails with `EngineUnavailableError` and `on_failure` is
-  called (the server flips health to NOT_SERVING).
+- Failure policy: one image's bad bytes are that image's error (decode never raises for them). An unexpected
+  exception while a batch is prepared or run fails that batch's futures with `BatchFailedError` (INTERNAL at the
+  edge, the cause only in the log) and the batcher goes on. Only a fatal condition stops it: an error that
+  `service.embedding.faults.is_fatal` recognises (a CUDA error that poisons the context), or
+  `max_consecutive_failed_batches` failed batches in a row. Then, as when a background task dies, every pending
+  future fails with `EngineUnavailableError` and `on_failure` is called (the server flips health to NOT_SERVING).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from typing import Protocol
 
 from service.config import BatcherConfig
 from service.embedding.engine import PreparedBatch
+from service.embedding.faults import is_fatal
 from service.errors import (  # noqa: F401  (re-exported: callers import these from the batcher too)
+    BatchFailedError,
     DeadlineExpiredError,
     EmbedServeError,
     EngineUnavailableError,
@@ -118,6 +124,8 @@ class Batcher:
         self._closing = False
         self.failure: BaseException | None = None
         """Why the batcher stopped working, once it has."""
+        self.consecutive_failed_batches = 0
+        """Batches in a row that failed unexpectedly; reset by every batch that runs."""
 
     @property
     def queued(self) -> int:
@@ -258,34 +266,64 @@ class Batcher:
         return prepared
 
     async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._ready.get()
             try:
-                prepared = await batch.prepared
-            finally:
-                self._set_queued(self._queued - len(batch.items))
-            if prepared.size != len(batch.items):
-                raise RuntimeError(f"engine.prepare returned {prepared.size} results for {len(batch.items)} images")
-            keep = self._live_positions(batch.items)
-            if not keep:
-                continue
-            items = [batch.items[i] for i in keep]
-            prepared = select(prepared, keep)
-            now = time.monotonic()
-            if self.metrics is not None:
-                self.metrics.batch_size.observe(len(items))
-                for p in items:
-                    self.metrics.queue_wait.observe(now - p.enqueued_at)
-            outcomes = await loop.run_in_executor(self._owner, self.engine.run, prepared)
-            if self.metrics is not None:
-                self.metrics.stage_duration.labels(stage="infer").observe(time.monotonic() - now)
-            if len(outcomes) != len(items):
-                raise RuntimeError(f"engine.run returned {len(outcomes)} outcomes for {len(items)} images")
-            for p, outcome in zip(items, outcomes, strict=True):
-                self._count("ok" if outcome.error is None else image_outcome(outcome.error.reason), 1)
-                if not p.future.done():
-                    p.future.set_result(outcome)
+                await self._run_batch(batch)
+            except Exception as error:
+                self._batch_failed(batch.items, error)  # raises when the failure is fatal
+            else:
+                self.consecutive_failed_batches = 0
+
+    async def _run_batch(self, batch: _Batch) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            prepared = await batch.prepared
+        finally:
+            self._set_queued(self._queued - len(batch.items))
+        if prepared.size != len(batch.items):
+            raise RuntimeError(f"engine.prepare returned {prepared.size} results for {len(batch.items)} images")
+        keep = self._live_positions(batch.items)
+        if not keep:
+            return
+        items = [batch.items[i] for i in keep]
+        prepared = select(prepared, keep)
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(items))
+            for p in items:
+                self.metrics.queue_wait.observe(now - p.enqueued_at)
+        outcomes = await loop.run_in_executor(self._owner, self.engine.run, prepared)
+        if self.metrics is not None:
+            self.metrics.stage_duration.labels(stage="infer").observe(time.monotonic() - now)
+        if len(outcomes) != len(items):
+            raise RuntimeError(f"engine.run returned {len(outcomes)} outcomes for {len(items)} images")
+        for p, outcome in zip(items, outcomes, strict=True):
+            self._count("ok" if outcome.error is None else image_outcome(outcome.error.reason), 1)
+            if not p.future.done():
+                p.future.set_result(outcome)
+
+    def _batch_failed(self, items: list[Pending], error: Exception) -> None:
+        """Fail one batch's requests; re-raise `error` (stopping the batcher) when it is fatal."""
+        self.consecutive_failed_batches += 1
+        fatal = is_fatal(error)
+        limit = self.cfg.max_consecutive_failed_batches
+        logger.error(
+            "batch of %d images failed: %s (%d failed batch(es) in a row, limit %d)%s",
+            len(items),
+            type(error).__name__,
+            self.consecutive_failed_batches,
+            limit,
+            "; fatal device error" if fatal else "",
+            exc_info=error,
+        )
+        if fatal or self.consecutive_failed_batches >= limit:
+            raise error  # _task_done fails everything pending with EngineUnavailableError and reports
+        failed = BatchFailedError("the batch holding these images failed on the server; the cause is in its log")
+        pending = [p for p in items if not p.future.done()]
+        for p in pending:
+            p.future.set_exception(failed)
+        self._count("failed", len(pending))
 
     def _live_positions(self, items: list[Pending]) -> list[int]:
         """Positions of the items still wanted; those cancelled or past their deadline are dropped (and counted)."""

@@ -1,15 +1,27 @@
 """Encoded bytes -> uint8 pixel tensors, one backend at a time, one bad image failing alone.
 
-Every image is first probed with Pillow, which reads only the header: format, mode, size. The
-probe rejects empty, unknown, zero-size and too-large images before any pixel is decoded, and
-routes what a fast backend cannot handle (CMYK and 16-bit images, formats other than JPEG/PNG,
-JPEGs without an end marker) to Pillow, so every backend accepts the same inputs.
+Every image is first probed with Pillow, which reads only the header: format, mode, size. Only the formats of
+`decode.formats` are tried (see `service.embedding.formats`); anything else is `unsupported_image`. The probe
+rejects empty, unknown, zero-size and too-large images, and JPEGs too short to hold the image their header
+describes, before any pixel is decoded. It routes what a fast backend cannot handle (CMYK and 16-bit images,
+formats other than JPEG/PNG, JPEGs without an end marker) to the strict CPU path, so every backend accepts
+the same inputs.
+
+The strict CPU path decodes JPEGs with libjpeg-turbo through `simplejpeg` in strict mode: data that ends before
+the image is complete (libjpeg's "premature end of data" warnings) is an error, not an image padded with grey.
+Other formats go through Pillow, which refuses truncated files (`LOAD_TRUNCATED_IMAGES` stays off).
 
 Backends:
 - `dali`: NVIDIA DALI image decoder fed from memory; `mixed` (nvJPEG) on a GPU, CPU otherwise.
 - `torchvision`: `torchvision.io` decoders; batched nvJPEG on a GPU, libjpeg-turbo/libpng on CPU.
-- `pillow`: Pillow, in a thread pool; JPEGs are decoded at reduced scale (DCT scaling) when that
-  still leaves at least the pixels the resize needs.
+- `pillow`: the strict CPU path for every image, in a thread pool; JPEGs are decoded at reduced scale
+  (DCT scaling) when that still leaves at least the pixels the resize needs.
+On the CPU, the libjpeg-turbo behind torchvision and DALI accepts truncated JPEGs, so their JPEGs take the
+strict CPU path too (they keep PNG). On a GPU, JPEGs go to nvJPEG once the probe's checks pass.
+
+Whatever one image raises is that image's error: an expected decoder error (`OSError`, `ValueError`, ...) keeps
+its first line as the message; any other exception type gets a generic message naming the format, and its type
+goes to the log. Only a fatal device error (`service.embedding.faults.is_fatal`) propagates.
 
 Output: one tensor per image, uint8, (1, H, W) for grayscale or (3, H, W) for colour, on the
 backend's device; or an `ImageError` in its place.
@@ -20,19 +32,26 @@ from __future__ import annotations
 import abc
 import io
 import logging
+import math
 import os
+import struct
+import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from kernels.preprocess import letterbox_geometry
-from service.config import DecodeConfig
+from service.config import DEFAULT_FORMATS, DecodeConfig
+from service.embedding.faults import is_fatal
+from service.embedding.formats import canonical_format, jpeg_frame, register_formats, sniff_format
 from service.errors import ConfigError, ImageError, ImageTooLargeError, InvalidImageError, UnsupportedImageError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +64,8 @@ Image.MAX_IMAGE_PIXELS = None
 _FAST_FORMATS = frozenset({"JPEG", "PNG"})
 _FAST_MODES = frozenset({"L", "RGB", "RGBA", "LA", "P"})
 _JPEG_EOI = b"\xff\xd9"
+# What decoders raise for bad data on purpose; their messages are written for people and are kept (first line).
+_EXPECTED_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,24 +77,104 @@ class ImageHeader:
     width: int
     height: int
     has_end_marker: bool = True
+    structure_ok: bool = True
+    """False when a quick walk of the container could not vouch for it (a JPEG's markers); strict path only."""
 
     @property
     def fast_path_ok(self) -> bool:
-        """True when DALI and torchvision decode this image exactly as Pillow would."""
-        return self.format in _FAST_FORMATS and self.mode in _FAST_MODES and self.has_end_marker
+        """True when DALI and torchvision decode this image exactly as the strict CPU path would."""
+        return self.format in _FAST_FORMATS and self.mode in _FAST_MODES and self.has_end_marker and self.structure_ok
 
 
-def probe(data: bytes, max_pixels: int) -> ImageHeader:
-    """Read the header of an encoded image, or raise an `ImageError` that says what is wrong."""
+class _FailureLog:
+    """Logs why images failed: an unexpected exception type as a warning at most once a minute, the rest at debug.
+
+    Bad images are the caller's problem, not the server's, so they must not flood the log; a new kind of decoder
+    crash is worth one warning (with its type) so that someone looks.
+    """
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def record(self, error: BaseException, fmt: str, where: str) -> None:
+        kind = type(error).__name__
+        detail = _first_line(error)
+        if isinstance(error, _EXPECTED_ERRORS):
+            logger.debug("%s %s failed: %s: %s", fmt, where, kind, detail)
+            return
+        now = time.monotonic()
+        with self._lock:
+            warn = now - self._last.get(kind, -math.inf) >= self.interval_s
+            if warn:
+                self._last[kind] = now
+        if warn:
+            logger.warning(
+                "%s %s raised %s (%s); that image fails as invalid_image (more %s logged at debug for %.0f s)",
+                fmt,
+                where,
+                kind,
+                detail,
+                kind,
+                self.interval_s,
+            )
+        else:
+            logger.debug("%s %s raised %s: %s", fmt, where, kind, detail)
+
+
+_failures = _FailureLog()
+
+
+def image_error(
+    error: Exception, fmt: str, *, stage: Literal["header", "data"], decoder: str | None = None
+) -> ImageError:
+    """The `ImageError` of one image whose decoder raised `error`, with a message safe to send to a client.
+
+    Fatal device errors are not image errors: callers check `is_fatal` first and re-raise those.
+    """
+    if isinstance(error, ImageError):
+        return error
+    where = f"{stage} decode" + (f" ({decoder})" if decoder else "")
+    _failures.record(error, fmt, where)
+    what = "header" if stage == "header" else "data"
+    if decoder is not None:
+        # Native decoders' messages carry source paths and internal state: never the client's business.
+        return InvalidImageError(f"corrupt or truncated {fmt} {what}: the {decoder} decoder refused it")
+    if isinstance(error, _EXPECTED_ERRORS):
+        return InvalidImageError(f"corrupt or truncated {fmt} {what}: {_first_line(error)}")
+    return InvalidImageError(f"corrupt or unsupported {fmt} {what}: the decoder could not read it")
+
+
+def _unidentified(data: bytes, formats: tuple[str, ...]) -> ImageError:
+    claimed = sniff_format(data)
+    if claimed is not None and claimed not in formats:
+        return UnsupportedImageError(
+            f"{claimed} images are not accepted (decode.formats: {', '.join(formats)}); convert it to one of those"
+        )
+    if claimed is not None:
+        return InvalidImageError(f"corrupt {claimed} header: no {claimed} image could be read from it")
+    return InvalidImageError(f"not a {', '.join(formats)} image ({len(data)} bytes)")
+
+
+def probe(data: bytes, max_pixels: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> ImageHeader:
+    """Read the header of an encoded image, or raise an `ImageError` that says what is wrong.
+
+    Only the Pillow plugins of `formats` are tried (`register_formats` should have imported them).
+    """
     if not data:
         raise InvalidImageError("empty image: 0 bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            header = ImageHeader(format=str(img.format), mode=img.mode, width=img.width, height=img.height)
+        with Image.open(io.BytesIO(data), formats=formats) as img:
+            header = ImageHeader(format=canonical_format(img.format), mode=img.mode, width=img.width, height=img.height)
     except UnidentifiedImageError as e:
-        raise InvalidImageError(f"not a recognised image format ({len(data)} bytes)") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InvalidImageError(f"corrupt image header: {e}") from e
+        raise _unidentified(data, formats) from e
+    except Exception as e:
+        if is_fatal(e):
+            raise
+        raise image_error(e, sniff_format(data) or "image", stage="header") from e
+    if header.format not in formats:
+        raise UnsupportedImageError(f"{header.format} images are not accepted (decode.formats: {', '.join(formats)})")
     if header.width <= 0 or header.height <= 0:
         raise InvalidImageError(f"zero-size image: {header.width}x{header.height}")
     pixels = header.width * header.height
@@ -81,12 +182,25 @@ def probe(data: bytes, max_pixels: int) -> ImageHeader:
         raise ImageTooLargeError(
             f"image is {header.width}x{header.height} = {pixels} pixels, more than decode.max_pixels={max_pixels}"
         )
-    if header.format == "JPEG" and _JPEG_EOI not in data[-4096:]:
-        header = ImageHeader(header.format, header.mode, header.width, header.height, has_end_marker=False)
+    if header.format == "JPEG":
+        header = _check_jpeg(data, header)
     if header.format == "PNG" and len(data) > 24 and data[24] == 16:
         # Pillow reports 16-bit RGB PNGs as mode RGB; other decoders return uint16, so keep them on Pillow.
-        header = ImageHeader(header.format, "RGB;16", header.width, header.height)
+        header = replace(header, mode="RGB;16")
     return header
+
+
+def _check_jpeg(data: bytes, header: ImageHeader) -> ImageHeader:
+    """Refuse a JPEG too short for its own frame header; mark what the fast decoders must not be trusted with."""
+    frame = jpeg_frame(data)
+    if frame is not None:
+        need, have = frame.min_entropy_bytes(), len(data) - frame.scan_start
+        if have < need:
+            raise InvalidImageError(
+                f"truncated JPEG: a {frame.width}x{frame.height} image needs at least {need} bytes of scan data, "
+                f"this one has {have}"
+            )
+    return replace(header, has_end_marker=_JPEG_EOI in data[-4096:], structure_ok=frame is not None)
 
 
 def decode_size_hint(header: ImageHeader, size: tuple[int, int], policy: str) -> tuple[int, int]:
@@ -120,18 +234,32 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def decode_with_pillow(data: bytes, header: ImageHeader, *, reduce_to: tuple[int, int] | None = None) -> torch.Tensor:
-    """Decode one image with Pillow; `reduce_to` (h, w) lets a JPEG decode at a smaller DCT scale."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if reduce_to is not None and header.format == "JPEG":
-                img.draft(None, (reduce_to[1], reduce_to[0]))
-            img.load()
-            return _pil_to_tensor(img)
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InvalidImageError(f"corrupt or truncated {header.format} data: {e}") from e
+def decode_cpu(data: bytes, header: ImageHeader, *, reduce_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode one probed image on the CPU, strictly; `reduce_to` (h, w) lets a JPEG decode at a smaller DCT scale.
+
+    Raises whatever the decoder raises for bad data (callers turn that into the image's error with `image_error`).
+    """
+    if header.format == "JPEG":
+        return _decode_jpeg(data, header, reduce_to)
+    with Image.open(io.BytesIO(data), formats=(header.format,)) as img:
+        img.load()
+        return _pil_to_tensor(img)
+
+
+def _decode_jpeg(data: bytes, header: ImageHeader, reduce_to: tuple[int, int] | None) -> torch.Tensor:
+    scale = {} if reduce_to is None else {"min_height": reduce_to[0], "min_width": reduce_to[1]}
+    if header.mode in ("L", "RGB"):
+        colorspace = "GRAY" if header.mode == "L" else "RGB"
+        hwc = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True, **scale)
+        return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
+    # CMYK / YCCK: libjpeg-turbo checks the data (at 1/8 scale: every coefficient is still read), Pillow then
+    # decodes it and applies the Adobe colour conventions that a raw CMYK decode would not.
+    simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True, min_factor=8)
+    with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+        if reduce_to is not None:
+            img.draft(None, (reduce_to[1], reduce_to[0]))
+        img.load()
+        return _pil_to_tensor(img)
 
 
 class Decoder(Protocol):
@@ -154,13 +282,15 @@ class _ProbingDecoder(abc.ABC):
         self.cfg = cfg
         self.device = device
         self.executor = executor
+        self.formats = register_formats(cfg.formats)
+        """The accepted Pillow formats; their plugins, and no others, are loaded for decode."""
 
     def decode(self, datas: Sequence[bytes], size: tuple[int, int], policy: str) -> list[DecodeOutcome]:
         results: list[DecodeOutcome | None] = [None] * len(datas)
         headers: list[ImageHeader | None] = [None] * len(datas)
         for i, data in enumerate(datas):
             try:
-                headers[i] = probe(data, self.cfg.max_pixels)
+                headers[i] = probe(data, self.cfg.max_pixels, self.formats)
             except ImageError as e:
                 results[i] = e
         fast = [i for i, h in enumerate(headers) if h is not None and self._takes(h)]
@@ -181,7 +311,8 @@ class _ProbingDecoder(abc.ABC):
         return [r for r in results if r is not None]
 
     def _takes(self, header: ImageHeader) -> bool:
-        return header.fast_path_ok
+        # On the CPU these libraries' libjpeg-turbo accepts truncated JPEGs (grey fill); the strict path does not.
+        return header.fast_path_ok and (header.format != "JPEG" or self.device.type == "cuda")
 
     @abc.abstractmethod
     def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
@@ -195,25 +326,39 @@ class _ProbingDecoder(abc.ABC):
         return outcomes
 
     def _pillow(self, data: bytes, header: ImageHeader, size: tuple[int, int], policy: str) -> DecodeOutcome:
+        return self._strict(data, header, None)
+
+    def _strict(self, data: bytes, header: ImageHeader, reduce_to: tuple[int, int] | None) -> DecodeOutcome:
+        """The strict CPU path for one image; whatever it raises (but a fatal device error) is the image's error."""
         try:
-            return decode_with_pillow(data, header).to(self.device)
-        except ImageError as e:
-            return e
+            return decode_cpu(data, header, reduce_to=reduce_to).to(self.device)
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            return image_error(e, header.format, stage="data")
 
     def _isolate(
         self, datas: list[bytes], decode_batch: Callable[[list[bytes]], list[torch.Tensor]]
     ) -> list[DecodeOutcome]:
         """Decode as one batch; if the batch fails, decode one by one so only the bad images fail."""
         try:
-            return list(decode_batch(datas))
-        except (RuntimeError, ValueError, OSError) as batch_error:
-            logger.debug("%s batch decode failed (%s); isolating images", self.name, batch_error)
-        outcomes: list[DecodeOutcome] = []
+            outcomes: list[DecodeOutcome] = list(decode_batch(datas))
+        except Exception as batch_error:
+            if is_fatal(batch_error):
+                raise
+            logger.debug("%s batch decode failed (%s); isolating images", self.name, type(batch_error).__name__)
+        else:
+            if len(outcomes) == len(datas):
+                return outcomes
+            logger.warning("%s returned %d images for %d; isolating", self.name, len(outcomes), len(datas))
+        outcomes = []
         for data in datas:
             try:
                 outcomes.append(decode_batch([data])[0])
-            except (RuntimeError, ValueError, OSError) as e:
-                outcomes.append(InvalidImageError(f"corrupt image data: {_first_line(e)}"))
+            except Exception as e:
+                if is_fatal(e):
+                    raise
+                outcomes.append(image_error(e, sniff_format(data) or "image", stage="data", decoder=self.name))
         return outcomes
 
 
@@ -223,7 +368,7 @@ def _first_line(error: BaseException) -> str:
 
 
 class PillowDecoder(_ProbingDecoder):
-    """Pillow for every image, in parallel threads (Pillow releases the GIL while decoding)."""
+    """The strict CPU path for every image, in parallel threads (libjpeg-turbo and Pillow release the GIL)."""
 
     name = "pillow"
 
@@ -231,18 +376,15 @@ class PillowDecoder(_ProbingDecoder):
         return False  # every image takes the `_pillow` path, which can decode at reduced scale
 
     def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
-        return [decode_with_pillow(d, probe(d, self.cfg.max_pixels)).to(self.device) for d in datas]
+        return [decode_cpu(d, probe(d, self.cfg.max_pixels, self.formats)).to(self.device) for d in datas]
 
     def _pillow(self, data: bytes, header: ImageHeader, size: tuple[int, int], policy: str) -> DecodeOutcome:
         reduce_to = decode_size_hint(header, size, policy) if self.cfg.reduced_decode else None
-        try:
-            return decode_with_pillow(data, header, reduce_to=reduce_to).to(self.device)
-        except ImageError as e:
-            return e
+        return self._strict(data, header, reduce_to)
 
 
 class TorchvisionDecoder(_ProbingDecoder):
-    """torchvision.io: batched nvJPEG on CUDA, libjpeg-turbo / libpng on CPU."""
+    """torchvision.io's batched nvJPEG on CUDA; every other image (and every image on the CPU) takes the strict path."""
 
     name = "torchvision"
 
@@ -254,6 +396,11 @@ class TorchvisionDecoder(_ProbingDecoder):
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
         self._io = tvio
+
+    def _takes(self, header: ImageHeader) -> bool:
+        # Only JPEGs on a GPU (nvJPEG). torchvision's CPU PNG decoder crashes the process (SIGSEGV, torchvision
+        # 0.29) on PNGs whose compressed data is corrupt, and its CPU JPEG decoder accepts truncated data.
+        return header.fast_path_ok and header.format == "JPEG" and self.device.type == "cuda"
 
     def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
         tvio = self._io

@@ -28,7 +28,9 @@ from kernels.normalize import l2_normalize
 from kernels.preprocess import preprocess_batch
 from service.config import Config
 from service.embedding.backbone import Backbone
-from service.embedding.decode import Decoder, create_decoder
+from service.embedding.decode import DecodeOutcome, Decoder, create_decoder, image_error
+from service.embedding.faults import is_fatal
+from service.embedding.formats import sniff_format
 from service.errors import ImageError
 from service.types import Embedded, EmbedOutcome, ItemT, ModelInfo, load_item
 
@@ -108,7 +110,7 @@ class Engine:
         """
         to_decode = [i for i, d in enumerate(datas) if not isinstance(d, ImageError)]
         decoded: list[torch.Tensor | ImageError] = list(datas)  # type: ignore[arg-type]  # bytes replaced below
-        outs = self.decoder.decode([datas[i] for i in to_decode], self.input_size, self.cfg.decode.resize)  # type: ignore[misc]
+        outs = self._decode([datas[i] for i in to_decode])  # type: ignore[misc]
         if len(outs) != len(to_decode):
             raise RuntimeError(f"decoder returned {len(outs)} results for {len(to_decode)} images")
         for i, out in zip(to_decode, outs, strict=True):
@@ -134,6 +136,20 @@ class Engine:
                 std=spec.std,
             )
         return PreparedBatch(size=len(datas), batch=batch, ok_positions=positions, errors=errors)
+
+    def _decode(self, datas: list[bytes]) -> list[DecodeOutcome]:
+        """The decoder's outcomes; should it raise all the same (a bug), each image is decoded alone, so the
+        exception stays the error of the image that caused it. Fatal device errors propagate."""
+        try:
+            return self.decoder.decode(datas, self.input_size, self.cfg.decode.resize)
+        except Exception as e:
+            if is_fatal(e):
+                raise
+            if len(datas) == 1:
+                return [image_error(e, sniff_format(datas[0]) or "image", stage="data")]
+            logger.warning("decoder %s raised %s on %d images; decoding them one by one", self.decoder.name,
+                           type(e).__name__, len(datas))  # fmt: skip
+            return [self._decode([data])[0] for data in datas]
 
     def run(self, prepared: PreparedBatch) -> list[EmbedOutcome]:
         """Forward pass and L2 normalisation; one outcome per input of `prepare`, in order."""

@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from service.config import IndexConfig
+from service.devices import cuda_available
 from service.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -169,20 +170,12 @@ class TorchExact:
         self._mirrors.pop(cache_key, None)
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
 def make_exact_searcher(cfg: IndexConfig) -> ExactSearcher:
     """The exact backend for `index.device` and `index.exact_backend` (see `IndexConfig`)."""
     device = cfg.device
     if device == "auto":
-        device = "cuda" if _cuda_available() else "cpu"
-    elif device == "cuda" and not _cuda_available():
+        device = "cuda" if cuda_available() else "cpu"
+    elif device == "cuda" and not cuda_available():
         raise ConfigError("index.device=cuda but no CUDA GPU is visible to torch; use index.device=cpu or auto")
     if device == "cpu":
         return TorchExact("cpu") if cfg.exact_backend == "torch" else FaissExact()

@@ -79,8 +79,10 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             break
         match = _TOKEN.match(text, pos)
         if match is None or match.end() == pos:
+            at = len(text) - len(text[pos:].lstrip())
             raise InvalidIndexRequestError(
-                f"cannot read the filter {text!r} at character {pos}; write e.g. `label == DME and patient != 123`"
+                f"cannot read the filter {text!r} at character {at} ({text[at]!r}); "
+                "write e.g. `label == DME and patient != 123`"
             )
         if match.group("op") is not None:
             tokens.append(("op", match.group("op")))

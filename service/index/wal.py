@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.files import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"ESWAL001"
@@ -38,15 +40,6 @@ _HEADER = struct.Struct("<II")
 _NAME = re.compile(r"^wal-(\d{8})\.log$")
 MAX_RECORD_BYTES = 1 << 31
 """Larger payloads are refused (a length beyond this in a file is treated as corruption)."""
-
-
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory so that renames, creations and deletions in it are durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def log_path(directory: Path, generation: int) -> Path:

@@ -16,9 +16,8 @@ from sklearn.datasets import make_blobs
 
 from service.analysis.cluster import ClusterParams, backend_available
 from service.analysis.report import SECTIONS, ReportData, render_report
-from service.api.clusterer import add_clusterer, request_from_params
-from service.client.cluster import ClusterClient
-from service.client.sync import RemoteError
+from service.api.clusterer import add_clusterer
+from service.client import ClusterClient, RemoteError
 from service.errors import EmbedServeError
 from service.wire._proto.embedserve.v1 import cluster_pb2 as cpb
 
@@ -104,13 +103,15 @@ def served() -> Iterator[tuple[str, FakeEmbedServer]]:
 def test_cluster_kmeans_with_ground_truth(served: tuple[str, FakeEmbedServer]) -> None:
     target, embed_server = served
     with ClusterClient(target) as client:
-        r = client.cluster(request_from_params("blobs", ClusterParams(k=4), ground_truth_attribute="label"))
-    assert len(r.keys) == len(r.assignments) == len(r.noise) == 200
+        c = client.cluster("blobs", ClusterParams(k=4), ground_truth_attribute="label")
+    r = c.result
+    assert len(c.keys) == len(r.labels) == len(r.noise) == 200
     assert r.algorithm == "kmeans" and r.backend in ("faiss", "sklearn", "torch", "cuml") and r.seconds > 0
-    assert r.k == 4 and set(r.assignments) == {0, 1, 2, 3} and not any(r.noise)
+    assert r.k == 4 and set(r.labels.tolist()) == {0, 1, 2, 3} and not any(r.noise)
     assert r.metrics["accuracy"] == 1.0 and r.metrics["nmi"] == pytest.approx(1.0)
-    assert r.centers.rows == 4 and r.centers.cols == 12 and len(r.centers.data) == 4 * 12 * 4
-    assert list(r.table.classes) == ["class0", "class1", "class2", "class3"] and sum(r.table.counts) == 200
+    assert r.centers is not None and r.centers.shape == (4, 12) and r.centers.dtype == np.float32
+    assert r.table is not None
+    assert list(r.table.classes) == ["class0", "class1", "class2", "class3"] and r.table.counts.sum() == 200
     assert embed_server.metrics.runs[-1][0] == "kmeans"
 
 
@@ -119,15 +120,15 @@ def test_cluster_subset_pca_dbscan_and_details(served: tuple[str, FakeEmbedServe
     keys = [f"img-{i:03d}" for i in range(0, 200, 2)]
     params = ClusterParams(algorithm="dbscan", min_samples=4, pca_dim=5)
     with ClusterClient(target) as client:
-        r = client.cluster(
-            request_from_params("blobs", params, keys=keys, ground_truth_attribute="label", include_details=True)
-        )
-    assert list(r.keys) == keys and r.algorithm == "dbscan"
-    assert r.HasField("eps") and r.eps > 0 and len(r.k_distance) == 100
-    assert r.centers.rows == 0
-    assert r.projection.rows == 100 and r.projection.cols == 2 and len(r.center_distance) == 100
-    assert len(r.sweep) == 9 and len(r.ground_truth) == 100 and r.ground_truth[0].startswith("class")
-    data = ReportData.from_response(r)
+        c = client.cluster("blobs", params, keys=keys, ground_truth_attribute="label", include_details=True)
+    r = c.result
+    assert c.keys == keys and r.algorithm == "dbscan"
+    assert r.eps is not None and r.eps > 0 and r.k_distance is not None and len(r.k_distance) == 100
+    assert r.centers is None
+    assert c.projection is not None and c.projection.shape == (100, 2)
+    assert c.center_distance is not None and len(c.center_distance) == 100
+    assert len(r.sweep) == 9 and c.truth is not None and len(c.truth) == 100 and c.truth[0].startswith("class")
+    data = ReportData.from_clustering(c)
     page = render_report(data)
     for section in SECTIONS:
         assert f'id="{section}"' in page
@@ -136,28 +137,28 @@ def test_cluster_subset_pca_dbscan_and_details(served: tuple[str, FakeEmbedServe
 def test_medoid_keys(served: tuple[str, FakeEmbedServer]) -> None:
     target, _ = served
     with ClusterClient(target) as client:
-        r = client.cluster(request_from_params("blobs", ClusterParams(algorithm="kmedoids", k=4)))
-    assert len(r.medoid_keys) == 4 and r.centers.rows == 4
-    assert all(r.assignments[list(r.keys).index(k)] == i for i, k in enumerate(r.medoid_keys))
+        c = client.cluster("blobs", ClusterParams(algorithm="kmedoids", k=4))
+    assert len(c.medoid_keys) == 4 and c.result.centers is not None and c.result.centers.shape[0] == 4
+    assert all(c.result.labels[c.keys.index(k)] == i for i, k in enumerate(c.medoid_keys))
 
 
 def test_errors_map_to_status_codes(served: tuple[str, FakeEmbedServer]) -> None:
     target, _ = served
     with ClusterClient(target) as client:
         with pytest.raises(RemoteError) as e:
-            client.cluster(request_from_params("nope", ClusterParams(k=4)))
+            client.cluster("nope", ClusterParams(k=4))
         assert e.value.code == grpc.StatusCode.NOT_FOUND and "nope" in e.value.details
         with pytest.raises(RemoteError) as e:
-            client.cluster(
+            client.cluster_request(
                 cpb.ClusterRequest(collection="blobs", algorithm=cpb.CLUSTER_ALGORITHM_DBSCAN, backend="faiss")
             )
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "faiss" in e.value.details
         with pytest.raises(RemoteError) as e:
-            client.cluster(request_from_params("blobs", ClusterParams(k=4), ground_truth_attribute="colour"))
+            client.cluster("blobs", ClusterParams(k=4), ground_truth_attribute="colour")
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "colour" in e.value.details
         if not backend_available("cuml")[0]:
             with pytest.raises(RemoteError) as e:
-                client.cluster(request_from_params("blobs", ClusterParams(k=4, backend="cuml")))
+                client.cluster("blobs", ClusterParams(k=4, backend="cuml"))
             assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "cuML" in e.value.details
 
 
@@ -167,7 +168,7 @@ def test_deadline_stops_the_run_between_steps(served: tuple[str, FakeEmbedServer
     before = len(embed_server.metrics.runs)
     try:
         with ClusterClient(target) as client, pytest.raises(RemoteError) as e:
-            client.cluster(request_from_params("blobs", ClusterParams(k=None, k_max=30)), timeout=0.3)
+            client.cluster("blobs", ClusterParams(k=None, k_max=30), timeout=0.3)
         assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(1.5)  # the worker would have finished the sweep by now had it not stopped
         assert len(embed_server.metrics.runs) == before
@@ -178,30 +179,24 @@ def test_deadline_stops_the_run_between_steps(served: tuple[str, FakeEmbedServer
 def test_probe_and_filter(served: tuple[str, FakeEmbedServer]) -> None:
     target, _ = served
     with ClusterClient(target) as client:
-        p = client.probe(
-            cpb.ProbeRequest(collection="blobs", target_attribute="label", group_attribute="patient", folds=4)
-        )
-        assert p.accuracy == 1.0 and p.folds == 4 and p.classifier == "logreg" and sum(p.confusion) == 200
-        knn = client.probe(
-            cpb.ProbeRequest(collection="blobs", target_attribute="label", classifier=cpb.PROBE_CLASSIFIER_KNN)
-        )
+        p = client.probe("blobs", "label", group_attribute="patient", folds=4)
+        assert p.accuracy == 1.0 and p.folds == 4 and p.classifier == "logreg" and p.confusion.sum() == 200
+        knn = client.probe("blobs", "label", classifier="knn")
         assert knn.classifier == "knn" and knn.accuracy == 1.0
         items = _blobs()
         class0 = [k for k, a in zip(items.keys, items.attributes, strict=True) if a["label"] == "class0"]
         f = client.filter(
-            cpb.FilterRequest(
-                collection="blobs",
-                example_keys=class0[:2],
-                by_cluster=True,
-                cluster=request_from_params("blobs", ClusterParams(k=4)),
-                unwanted_attribute="label",
-                unwanted_values=["class0"],
-            )
+            "blobs",
+            example_keys=class0[:2],
+            by_cluster=True,
+            params=ClusterParams(k=4),
+            unwanted_attribute="label",
+            unwanted_values=["class0"],
         )
         assert sorted(f.remove) == sorted(class0) and f.method == "cluster" and len(f.removed_clusters) == 1
         assert f.precision == 1.0 and f.recall == 1.0 and f.quality == pytest.approx(1.0)
-        d = client.filter(cpb.FilterRequest(collection="blobs", example_keys=class0[:5], max_distance=100.0))
+        d = client.filter("blobs", example_keys=class0[:5], max_distance=100.0)
         assert d.method == "distance" and d.threshold == 100.0 and len(d.remove) == 200
         with pytest.raises(RemoteError) as e:
-            client.filter(cpb.FilterRequest(collection="blobs", example_keys=["missing"]))
+            client.filter("blobs", example_keys=["missing"])
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.client.sync import EmbedClient, RemoteError
+from service.client import EmbedClient, RemoteError
 from service.index import wal
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from service.cli.main import main
-from service.client.sync import EmbedClient, NeighborQuery, RemoteError
+from service.client import EmbedClient, NeighborQuery, RemoteError
 from service.jobs.embed_dir import schema_for
 
 COLLECTION = "oct"

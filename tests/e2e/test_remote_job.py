@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from service.client.sync import RemoteEmbedder
+from service.client import RemoteEmbedder
 from service.jobs.embed_dir import EmbedJobOptions, run_embed_job
 
 OCT_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "oct-sample"

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.server import SERVICE_NAME
-from service.client.sync import EmbedClient, RemoteEmbedder, RemoteError
+from service.client import EmbedClient, RemoteEmbedder, RemoteError
 from service.errors import InvalidImageError, UnreadableImageError
 from service.wire._proto.embedserve.v1 import embedder_pb2 as pb
 from service.wire._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.client.sync import EmbedClient, RemoteError
+from service.client import EmbedClient, RemoteError
 
 REPO = Path(__file__).resolve().parents[2]
 OCT_SAMPLE = REPO / "tests" / "data" / "oct-sample"

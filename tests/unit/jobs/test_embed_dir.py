@@ -133,3 +133,32 @@ def test_output_from_another_model_is_refused(engine: Engine, tree: Path, tmp_pa
 def test_missing_directory_is_a_clear_error(engine: Engine, tmp_path: Path) -> None:
     with pytest.raises(JobError, match="not a directory"):
         run_embed_job(engine, EmbedJobOptions(root=tmp_path / "nope", out=tmp_path / "x.parquet", progress=False))
+
+
+BAD_DIR = Path(__file__).resolve().parents[2] / "data" / "bad"
+# The crash inputs that the job walks (its extensions), and two more corpus files.
+CRASH_FILES = {
+    "crash-tiff-stripoffsets-double.tif": "invalid_image",
+    "trunc-jpeg-7000x7000-35k-eoi.jpg": "invalid_image",
+    "odd-gif-named-jpg.jpg": "unsupported_image",
+    "bomb-png-8000x8000-zeros.png": "image_too_large",
+}
+
+
+def test_crashing_decodes_are_failures_of_their_files_and_a_rerun_goes_on(
+    engine: Engine, tree: Path, tmp_path: Path
+) -> None:
+    for name in CRASH_FILES:
+        shutil.copy(BAD_DIR / name, tree / "DME" / name)
+    out = tmp_path / "emb.parquet"
+    summary = run_embed_job(engine, EmbedJobOptions(root=tree, out=out, progress=False))
+    expected_failures = {f"DME/{n}": r for n, r in CRASH_FILES.items()} | {"CNV/broken.jpg": "invalid_image"}
+    assert (summary.found, summary.embedded, summary.failed) == (10, 5, 5)
+    with summary.failures_path.open() as handle:  # type: ignore[union-attr]
+        failures = {f["key"]: f["reason"] for f in csv.DictReader(handle)}
+    assert failures == expected_failures
+    assert {k for k, _, _ in summary.failures} == set(expected_failures)
+    assert len(_read(out)) == 5
+    rerun = run_embed_job(engine, EmbedJobOptions(root=tree, out=out, progress=False))
+    assert (rerun.already_done, rerun.embedded, rerun.failed) == (5, 0, 5)
+    assert len(_read(out)) == 5

@@ -13,7 +13,7 @@ import pytest
 from service.config import BatcherConfig
 from service.embedding.batcher import Batcher, DeadlineExpiredError, EngineUnavailableError, OverloadedError, select
 from service.embedding.engine import PreparedBatch
-from service.errors import ImageError, InvalidImageError
+from service.errors import BatchFailedError, ImageError, InvalidImageError
 from service.metrics import Metrics
 from service.types import EmbedOutcome
 
@@ -31,8 +31,12 @@ class FakeEngine:
         self.fail_run = fail_run
         self.batches: list[list[int]] = []
         self.lock = threading.Lock()
+        self.run_error: Exception | None = None
+        """Raised by `run` for batches holding the image b"boom" (and by `prepare` for b"crash")."""
 
     def prepare(self, datas: Sequence[bytes | ImageError]) -> PreparedBatch:
+        if any(d == b"crash" for d in datas):
+            raise TypeError("'float' object cannot be interpreted as an integer")
         errors: dict[int, ImageError] = {}
         rows: list[list[float]] = []
         positions: list[int] = []
@@ -50,6 +54,8 @@ class FakeEngine:
     def run(self, prepared: PreparedBatch) -> list[EmbedOutcome]:
         if self.fail_run:
             raise RuntimeError("device lost")
+        if prepared.batch is not None and self.run_error is not None and 98 in prepared.batch[:, 0]:
+            raise self.run_error
         time.sleep(self.delay)
         outcomes = [EmbedOutcome() for _ in range(prepared.size)]
         for i, err in prepared.errors.items():
@@ -201,7 +207,8 @@ def test_engine_failure_fails_pending_and_reports() -> None:
         with pytest.raises(EngineUnavailableError):
             await b.embed([image(4)])
 
-    run(scenario, FakeEngine(fail_run=True), config(), on_failure=failures.append)
+    # The fatal path: with a limit of one failed batch, the first failure stops the batcher.
+    run(scenario, FakeEngine(fail_run=True), config(max_consecutive_failed_batches=1), on_failure=failures.append)
     assert len(failures) == 1 and "device lost" in str(failures[0])
 
 
@@ -232,3 +239,123 @@ def test_select_renumbers_positions_and_rows() -> None:
     assert list(sub.errors) == [0]
     none_left = select(prepared, [1])
     assert none_left.batch is None and none_left.ok_positions == [] and list(none_left.errors) == [0]
+
+
+BOOM = bytes([98])
+"""An image whose batch the fake engine's `run` fails (its 'embedding' would be [98])."""
+
+
+async def _alone(b: Batcher, data: bytes) -> list[EmbedOutcome] | BaseException:
+    try:
+        return await b.embed([data])
+    except Exception as e:
+        return e
+
+
+def test_a_failed_batch_fails_only_its_requests_and_the_batcher_keeps_serving() -> None:
+    engine = FakeEngine()
+    engine.run_error = RuntimeError("cuBLAS workspace exhausted (internal detail)")
+    failures: list[BaseException] = []
+
+    async def scenario(b: Batcher) -> tuple[object, object, object]:
+        before = await _alone(b, image(1))
+        failed = await _alone(b, BOOM)
+        after = await _alone(b, image(2))
+        return before, failed, after
+
+    before, failed, after = run(scenario, engine, config(max_queue_delay_ms=1), on_failure=failures.append)
+    assert isinstance(failed, BatchFailedError)
+    assert "internal detail" not in str(failed)  # the cause stays in the server log
+    assert isinstance(before, list) and isinstance(after, list)
+    assert [int(before[0].vector[0]), int(after[0].vector[0])] == [1, 2]  # type: ignore[index]
+    assert failures == []
+
+
+def test_a_crash_in_prepare_fails_that_batch_and_others_still_run() -> None:
+    failures: list[BaseException] = []
+    metrics = Metrics()
+
+    async def scenario(b: Batcher) -> tuple[object, object]:
+        crashed = await _alone(b, b"crash")
+        ok = await _alone(b, image(5))
+        return crashed, ok
+
+    crashed, ok = run(scenario, FakeEngine(), config(max_queue_delay_ms=1), metrics=metrics, on_failure=failures.append)
+    assert isinstance(crashed, BatchFailedError)
+    assert isinstance(ok, list) and int(ok[0].vector[0]) == 5  # type: ignore[index]
+    assert failures == []
+    assert metrics.registry.get_sample_value("embedserve_images_total", {"outcome": "failed"}) == 1
+
+
+def test_consecutive_failed_batches_reach_the_limit_and_stop_the_batcher() -> None:
+    engine = FakeEngine()
+    engine.run_error = RuntimeError("flaky")
+    failures: list[BaseException] = []
+    limit = 3
+
+    async def scenario(b: Batcher) -> list[object]:
+        results = [await _alone(b, BOOM) for _ in range(limit)]
+        results.append(await _alone(b, image(1)))
+        return results
+
+    results = run(scenario, engine, config(max_queue_delay_ms=1, max_consecutive_failed_batches=limit),
+                  on_failure=failures.append)  # fmt: skip
+    assert all(isinstance(r, BatchFailedError) for r in results[: limit - 1])
+    assert isinstance(results[limit - 1], EngineUnavailableError)  # the batch that reached the limit
+    assert isinstance(results[limit], EngineUnavailableError)  # and everything after it
+    assert len(failures) == 1 and "flaky" in str(failures[0])
+
+
+def test_a_good_batch_resets_the_failure_count() -> None:
+    engine = FakeEngine()
+    engine.run_error = RuntimeError("flaky")
+    failures: list[BaseException] = []
+
+    async def scenario(b: Batcher) -> list[object]:
+        sequence = [BOOM, image(1), BOOM, image(2), BOOM, image(3)]
+        return [await _alone(b, data) for data in sequence]
+
+    results = run(scenario, engine, config(max_queue_delay_ms=1, max_consecutive_failed_batches=2),
+                  on_failure=failures.append)  # fmt: skip
+    assert [type(r).__name__ for r in results] == ["BatchFailedError", "list"] * 3
+    assert failures == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: device-side assert triggered",
+        "CUDA error: unspecified launch failure",
+    ],
+)
+def test_a_fatal_cuda_error_stops_the_batcher_at_once(message: str) -> None:
+    engine = FakeEngine()
+    engine.run_error = RuntimeError(message)
+    failures: list[BaseException] = []
+
+    async def scenario(b: Batcher) -> tuple[object, object]:
+        first = await _alone(b, BOOM)
+        return first, await _alone(b, image(1))
+
+    first, second = run(scenario, engine, config(max_queue_delay_ms=1), on_failure=failures.append)
+    assert isinstance(first, EngineUnavailableError) and isinstance(second, EngineUnavailableError)
+    assert len(failures) == 1 and str(failures[0]) == message
+
+
+def test_cuda_out_of_memory_is_not_fatal() -> None:
+    engine = FakeEngine()
+    engine.run_error = RuntimeError("CUDA error: out of memory")
+    failures: list[BaseException] = []
+
+    async def scenario(b: Batcher) -> tuple[object, object]:
+        return await _alone(b, BOOM), await _alone(b, image(4))
+
+    failed, ok = run(scenario, engine, config(max_queue_delay_ms=1), on_failure=failures.append)
+    assert isinstance(failed, BatchFailedError)
+    assert isinstance(ok, list) and failures == []
+
+
+def test_failed_batch_limit_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_consecutive_failed_batches"):
+        BatcherConfig(max_consecutive_failed_batches=0)

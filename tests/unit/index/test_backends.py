@@ -1,4 +1,5 @@
-"""Approximate indexes (IVF-Flat, IVF-PQ, HNSW): recall@10 against exact search on a clustered set of 20k vectors."""
+"""Search backends: exact searchers against numpy, and the approximate indexes (IVF-Flat, IVF-PQ, HNSW) through the
+store: recall@10 against exact search on a clustered set of 20k vectors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.config import load_config
+from service.index.backends import ExactSearcher, FaissExact, SearchMetric, TorchExact, auto_nlist
 from service.index.store import IndexStore
 
 N, DIM, CLUSTERS, K = 20_000, 32, 64, 10
@@ -69,3 +71,40 @@ def test_recall_at_10_against_exact(tmp_path: Path, index_type: str, clustered) 
     with IndexStore.open(cfg) as store:  # the built index is in the snapshot: no rebuild needed
         assert store.info("approx").trained
         assert store.count("approx") == N - len(gone)
+
+
+def numpy_top_k(
+    database: np.ndarray, queries: np.ndarray, k: int, metric: str, rows: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 reference: the k best positions among `rows` (all when None), -1 and the worst score beyond."""
+    positions = np.arange(len(database)) if rows is None else rows
+    base, q = database[positions].astype(np.float64), queries.astype(np.float64)
+    scores = q @ base.T if metric == "ip" else ((q[:, None, :] - base[None]) ** 2).sum(-1)
+    order = np.argsort(-scores if metric == "ip" else scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, axis=1)
+    found = positions[order]
+    pad = k - found.shape[1]
+    fill = -np.inf if metric == "ip" else np.inf
+    return np.pad(top, ((0, 0), (0, pad)), constant_values=fill), np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("searcher", [FaissExact(), TorchExact("cpu")], ids=["faiss", "torch"])
+def test_exact_searchers_against_numpy(searcher: ExactSearcher, metric: SearchMetric) -> None:
+    rng = np.random.default_rng(11)
+    database = rng.normal(size=(500, 12)).astype(np.float32)
+    queries = rng.normal(size=(7, 12)).astype(np.float32)
+    for k, rows in ((10, None), (10, np.sort(rng.choice(500, size=40, replace=False))), (9, np.array([3, 77, 401]))):
+        scores, found = searcher.search(database, queries, k, metric=metric, rows=rows)
+        want_scores, want_found = numpy_top_k(database, queries, k, metric, rows)
+        assert scores.shape == found.shape == (7, k) and found.dtype == np.int64
+        assert found.tolist() == want_found.tolist()
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+    scores, found = searcher.search(database, queries, 3, metric=metric, rows=np.zeros(0, np.int64))
+    assert (found == -1).all() and scores.shape == (7, 3)
+
+
+def test_auto_nlist() -> None:
+    for n in (1, 39, 100, 10_000, 1_000_000):
+        nlist = auto_nlist(n)
+        assert nlist >= 1 and (nlist == 1 or n / nlist >= 39) and nlist <= max(1, int(4 * n**0.5))

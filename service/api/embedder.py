@@ -1,0 +1,174 @@
+"""The `embedserve.v1.Embedder` servicer: Embed, EmbedStream, Neighbors, GetModelInfo and the index operations.
+
+Transport only: each method converts the request (`service.wire.convert`), calls a use case (`service.app`) and
+converts the result back. Drain accounting and the mapping of errors to status codes are the decorators of
+`service.api.errors`. Embedding is UNAVAILABLE until `attach()` hands over the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from service.api.errors import CallGate, stream_rpc, unary_rpc
+from service.app.embedding import Embedding, ImageEmbedder, IndexThreads
+from service.app.neighbors import Neighbors
+from service.config import Config
+from service.index.store import DEFAULT_COLLECTION, IndexStore
+from service.metrics import Metrics
+from service.types import EmbedBatch, ModelInfo
+from service.wire import convert
+from service.wire._proto.embedserve.v1 import embedder_pb2 as pb
+from service.wire._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
+"""`embedserve.v1.Embedder`."""
+
+STREAM_WINDOW = 4
+"""Requests of one EmbedStream in the batcher at once; the server reads no further until the oldest is answered."""
+
+PAGE_SIZE = 1024
+"""Items per `ListItems` page when the request says 0."""
+
+
+class EmbedderServicer(pb_grpc.EmbedderServicer):
+    """`embedserve.v1.Embedder` over the embedding and neighbours use cases and the index."""
+
+    def __init__(self, cfg: Config, index: IndexStore, metrics: Metrics | None = None, *, gate: CallGate) -> None:
+        self.index = index
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.gate = gate
+        self.threads = IndexThreads()
+        max_images = min(cfg.server.max_images_per_request, cfg.batcher.max_queue_size)
+        self.embedding = Embedding(index, threads=self.threads, max_images=max_images, metrics=self.metrics)
+        self.neighbors = Neighbors(index, self.embedding, threads=self.threads, metrics=self.metrics)
+
+    def attach(self, batcher: ImageEmbedder, info: ModelInfo) -> None:
+        """Start embedding through `batcher`."""
+        self.embedding.attach(batcher, info)
+
+    def close(self) -> None:
+        """Wait for the index calls in flight, then stop the index threads."""
+        self.threads.shutdown()
+
+    @unary_rpc
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        batch = convert.embed_batch_from_proto(request)
+        self.embedding.validate(batch)
+        return await self._embed(batch, context, wait=False)
+
+    async def _embed(self, batch: EmbedBatch, context: grpc.aio.ServicerContext, *, wait: bool) -> pb.EmbedResponse:
+        outcomes = await self.embedding.embed(batch, timeout=context.time_remaining(), wait=wait)
+        return convert.embed_response_to_proto(batch, outcomes, self.embedding.model_info().embedding_dim)
+
+    @stream_rpc
+    async def EmbedStream(  # gRPC method names
+        self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EmbedResponse]:
+        # A reader task feeds a bounded queue of per-request tasks; this generator answers them in order. When the
+        # queue is full the reader stops reading, and gRPC flow control holds the client back.
+        window: asyncio.Queue[asyncio.Future[pb.EmbedResponse] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+        reader = asyncio.create_task(self._read_stream(request_iterator, context, window))
+        try:
+            while (next_response := await window.get()) is not None:
+                yield await next_response
+        finally:
+            reader.cancel()
+            while not window.empty():
+                pending = window.get_nowait()
+                if pending is not None:
+                    pending.cancel()
+
+    async def _read_stream(
+        self,
+        request_iterator: AsyncIterator[pb.EmbedRequest],
+        context: grpc.aio.ServicerContext,
+        window: asyncio.Queue[asyncio.Future[pb.EmbedResponse] | None],
+    ) -> None:
+        try:
+            async for request in request_iterator:
+                batch = convert.embed_batch_from_proto(request)
+                self.embedding.validate(batch)
+                task = asyncio.create_task(self._embed(batch, context, wait=True))
+                task.add_done_callback(_retrieve)
+                await window.put(task)
+        except Exception as e:
+            # Reported in order, after the responses to the requests before it.
+            failed: asyncio.Future[pb.EmbedResponse] = asyncio.get_running_loop().create_future()
+            failed.set_exception(e)
+            failed.add_done_callback(_retrieve)
+            await window.put(failed)
+            return
+        await window.put(None)
+
+    @unary_rpc
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return convert.model_info_to_proto(self.embedding.model_info())
+
+    # -- index RPCs ----------------------------------------------------------------------------------------------
+
+    @unary_rpc
+    async def Neighbors(self, request: pb.NeighborsRequest, context: grpc.aio.ServicerContext) -> pb.NeighborsResponse:
+        answer = await self.neighbors.search(
+            convert.neighbors_search_from_proto(request), timeout=context.time_remaining()
+        )
+        return convert.neighbors_to_proto(answer.results, answer.metric)
+
+    @unary_rpc
+    async def DeleteItems(
+        self, request: pb.DeleteItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteItemsResponse:
+        name = request.collection or DEFAULT_COLLECTION
+        deleted = await self.threads.run(self.index.delete, name, list(request.keys))
+        return pb.DeleteItemsResponse(deleted=deleted)
+
+    @stream_rpc
+    async def ListItems(
+        self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ItemsPage]:
+        name = request.collection or DEFAULT_COLLECTION
+        items = await self.threads.run(self.index.fetch, name, list(request.keys) or None)
+        pages = convert.items_pages_to_proto(
+            items, page_size=request.page_size or PAGE_SIZE, include_vectors=request.include_vectors
+        )
+        for page in pages:
+            yield page
+
+    @unary_rpc
+    async def GetCollectionInfo(
+        self, request: pb.GetCollectionInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CollectionInfo:
+        info = await self.threads.run(self.index.info, request.collection or DEFAULT_COLLECTION)
+        return convert.collection_info_to_proto(info)
+
+    @unary_rpc
+    async def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCollectionsResponse:
+        infos = await self.threads.run(self.index.collections)
+        return pb.ListCollectionsResponse(collections=[convert.collection_info_to_proto(i) for i in infos])
+
+    @unary_rpc
+    async def CreateCollection(
+        self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CollectionInfo:
+        info = await self.embedding.create_collection(
+            request.name, dim=request.dim, metric=request.metric, index_type=request.index_type
+        )
+        return convert.collection_info_to_proto(info)
+
+    @unary_rpc
+    async def DropCollection(
+        self, request: pb.DropCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DropCollectionResponse:
+        await self.threads.run(self.index.drop_collection, request.name)
+        return pb.DropCollectionResponse()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a stream task's exception as seen (the stream reports the first one; the rest are cancelled)."""
+    if not task.cancelled():
+        task.exception()

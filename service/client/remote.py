@@ -1,0 +1,145 @@
+"""`RemoteEmbedder`: the engine's job interface (`info`, `embed_iter`) backed by a server's `EmbedStream`."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from service.client import calls
+from service.client.channel import DEFAULT_MAX_MESSAGE_BYTES, remote_error
+from service.client.sync import EmbedClient
+from service.errors import ImageError
+from service.types import EmbedBatch, Embedded, EmbedOutcome, ImageData, ModelInfo, VectorDType, load_item
+from service.wire import convert
+from service.wire._proto.embedserve.v1 import embedder_pb2 as pb
+
+
+class KeyedLoadable(Protocol):
+    """An input of `RemoteEmbedder.embed_iter`: a key and `load()` -> bytes (raising `ImageError` on failure)."""
+
+    @property
+    def key(self) -> str: ...
+
+    def load(self) -> bytes: ...
+
+
+ItemT = TypeVar("ItemT", bound=KeyedLoadable)
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """Items sent in one request; `loaded` holds their bytes or the error that kept them from being sent."""
+
+    items: list[Any]
+    loaded: list[bytes | ImageError]
+
+
+class RemoteEmbedder:
+    """The engine's job interface (`info`, `embed_iter`) backed by a server's `EmbedStream`.
+
+    Items are loaded on gRPC's request thread, `batch_size` per request, and at most `max_in_flight` requests are
+    unanswered at a time, so memory stays bounded however long the input is. With `store`, the server also upserts
+    the vectors into `collection`, with each item's `label` and `path` (when it has them) as attributes, and answers
+    each request only once it is durable.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        batch_size: int = 32,
+        max_in_flight: int = 4,
+        dtype: VectorDType = "float32",
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        store: bool = False,
+        collection: str = "",
+    ) -> None:
+        if batch_size <= 0 or max_in_flight <= 0:
+            raise ValueError(f"batch_size={batch_size} and max_in_flight={max_in_flight} must be positive")
+        self.client = EmbedClient(
+            target, token=token, tls=tls, root_certificates=root_certificates, max_message_bytes=max_message_bytes
+        )
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.dtype = dtype
+        self.store = store
+        self.collection = collection
+        self.info: ModelInfo = self.client.model_info()
+
+    def _request(self, chunk: _Chunk) -> pb.EmbedRequest:
+        images = [
+            ImageData(item.key, data, _attributes(item) if self.store else {})
+            for item, data in zip(chunk.items, chunk.loaded, strict=True)
+            if not isinstance(data, ImageError)
+        ]
+        batch = EmbedBatch(images=images, dtype=self.dtype, store=self.store, collection=self.collection)
+        return convert.embed_batch_to_proto(batch)
+
+    def embed_iter(self, items: Iterable[ItemT]) -> Iterator[Embedded[ItemT]]:
+        """Yield every item with its outcome, in input order (unreadable items carry their load error)."""
+        iterator = iter(items)
+        sent: deque[_Chunk] = deque()
+        slots = threading.Semaphore(self.max_in_flight)
+        stop = threading.Event()
+
+        def requests() -> Iterator[pb.EmbedRequest]:
+            while True:
+                slots.acquire()
+                if stop.is_set():
+                    return
+                items = list(itertools.islice(iterator, self.batch_size))
+                if not items:
+                    return
+                chunk = _Chunk(items=items, loaded=[load_item(item) for item in items])
+                sent.append(chunk)
+                yield self._request(chunk)
+
+        call = self.client.stub.EmbedStream(requests(), metadata=self.client.metadata)
+        try:
+            for response in call:
+                chunk = sent.popleft()
+                slots.release()
+                results = iter(calls.parse_embed(response))
+                for item, data in zip(chunk.items, chunk.loaded, strict=True):
+                    if isinstance(data, ImageError):
+                        outcome = EmbedOutcome(error=data)
+                    else:
+                        result = next(results)
+                        outcome = EmbedOutcome(vector=result.vector, error=result.error)
+                    yield Embedded(item, outcome)
+        except grpc.RpcError as e:
+            raise remote_error(e) from e
+        finally:
+            stop.set()
+            slots.release()  # wake the request thread if it waits for a slot, so it sees `stop`
+            call.cancel()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> RemoteEmbedder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _attributes(item: object) -> dict[str, str]:
+    """`label` and `path` of a job item (a `FileItem`), when it has them, as attributes to store."""
+    attributes: dict[str, str] = {}
+    label = getattr(item, "label", None)
+    if label is not None:
+        attributes["label"] = str(label)
+    path = getattr(item, "path", None)
+    if path is not None:
+        attributes["path"] = str(path)
+    return attributes
