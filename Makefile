@@ -7,14 +7,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.embedserve-installed
 ARGS ?=
 
-.PHONY: setup run test lint format embed-sample proto clean fuzz
+.PHONY: setup run test lint format embed-sample proto clean fuzz gpu-check
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,ray]'
 	@touch $(STAMP)
 
 run: setup
@@ -39,6 +39,11 @@ proto: setup
 SECONDS ?= 1800
 fuzz: setup
 	$(BIN)/python -m tests.unit.embedding.fuzz_decode --seconds $(SECONDS)
+
+# The GPU check on a CUDA machine (results.json + log in OUT after every section): make gpu-check OUT=var/gpu-check
+OUT ?= var/gpu-check
+gpu-check: setup
+	$(BIN)/embedserve bench gpu --out $(OUT)
 
 embed-sample: setup
 	$(BIN)/embedserve embed tests/data/oct-sample --out var/oct-sample.parquet

@@ -61,6 +61,10 @@ class Stage:
     p99_ms: float | None = None
     peak_host_bytes: int = 0
     peak_gpu_bytes: int = 0
+    user_s: float = 0.0
+    """CPU seconds in user mode during the stage (this process, plus the server process for gRPC)."""
+    sys_s: float = 0.0
+    """CPU seconds in the kernel; much more than a fraction of `user_s` means threads fight over cores."""
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -125,12 +129,30 @@ class _MemorySampler:
         self._sample()
 
 
+def _cpu_times(pids: Sequence[int]) -> tuple[float, float]:
+    """(user, sys) CPU seconds of this process and `pids` so far (from /proc; zeros where it cannot be read)."""
+    me = os.times()
+    user, system = me.user, me.system
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            user += int(fields[11]) / ticks
+            system += int(fields[12]) / ticks
+    return user, system
+
+
 @contextlib.contextmanager
 def _measure(stage: Stage, extra_pids: Callable[[], Sequence[int]] = list) -> Iterator[None]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    pids = list(extra_pids())
+    user0, sys0 = _cpu_times(pids)
     with _MemorySampler(extra_pids) as sampler:
         yield
+    user1, sys1 = _cpu_times(pids)
+    stage.user_s, stage.sys_s = round(user1 - user0, 2), round(sys1 - sys0, 2)
     stage.peak_host_bytes = sampler.peak
     if torch.cuda.is_available():
         stage.peak_gpu_bytes = int(torch.cuda.max_memory_allocated())
@@ -254,8 +276,7 @@ def bench_backbone(model: str, device: torch.device, batch: int, reps: int, comp
 
     first = Stage("backbone/eager fp32", "images/s", 0.0, None, "eager fp32", images=batch * reps)
     with _measure(first):
-        eager = Backbone.create(model, device=device.type, optimize="none", channels_last=False)
-        eager.amp_dtype = None
+        eager = Backbone.create(model, device=device.type, optimize="none", channels_last=False, amp_dtype="float32")
         baseline = first.value = first.baseline = rate(eager)
     modes: list[tuple[str, dict[str, Any]]] = [("freeze (TorchScript)", {"optimize": "freeze"})]
     if device.type == "cuda":
@@ -268,6 +289,67 @@ def bench_backbone(model: str, device: torch.device, batch: int, reps: int, comp
         with _measure(stage):
             stage.value = rate(Backbone.create(model, device=device.type, **kwargs))
         stages.append(stage)
+    return stages
+
+
+def bench_runtimes(model: str, datas: list[bytes], batch: int, reps: int, cache_dir: Path) -> list[Stage]:
+    """The model alone on each CPU runtime x precision, on a batch of the real sample, against frozen torch fp32.
+
+    Each row: images/s with every core given to inference, the lowest cosine of its embeddings to the float32
+    torch ones, peak memory and user/sys CPU time.
+    """
+    import torch.nn.functional as F
+
+    from service.config import load_config as _load
+    from service.embedding.backbone import Backbone
+    from service.embedding.engine import Engine
+    from service.embedding.runtimes import available_cores, available_runtimes, cpu_has_bf16
+
+    cfg = _load(env={}, overrides={"backbone.device": "cpu", "backbone.runtime": "torch", "data_dir": str(cache_dir)})
+    with Engine.from_config(cfg) as engine:
+        prepared = engine.prepare(datas[:batch])
+    if prepared.batch is None:
+        return []
+    x = prepared.batch
+    cores = available_cores()
+    threads = torch.get_num_threads()
+
+    def rate(backbone: Backbone) -> tuple[float, torch.Tensor]:
+        out = backbone.forward(x)
+        start = time.perf_counter()
+        for _ in range(reps):
+            backbone.forward(x)
+        return x.shape[0] * reps / (time.perf_counter() - start), out
+
+    combos = [(r, p) for r in available_runtimes() for p in ("float32", "bfloat16")]
+    combos = [(r, p) for r, p in combos if p == "float32" or (cpu_has_bf16() and r != "onnxruntime")]
+    stages: list[Stage] = []
+    reference: torch.Tensor | None = None
+    baseline: float | None = None
+    try:
+        for runtime, precision in sorted(combos, key=lambda c: (c != ("torch", "float32"), c)):
+            stage = Stage(f"runtime/{runtime} {precision}", "images/s", 0.0, baseline, "torch frozen fp32")
+            try:
+                with _measure(stage):
+                    backbone = Backbone.create(
+                        model, device="cpu", runtime=runtime, cpu_precision=precision,
+                        threads=cores, streams=max(1, cores // 2), cache_dir=cache_dir / "model-cache",
+                    )  # fmt: skip
+                    stage.value, out = rate(backbone)
+            except Exception as e:  # a runtime that does not work here is reported, not fatal
+                logger.warning("runtime %s %s unavailable: %s", runtime, precision, e)
+                continue
+            if reference is None:
+                reference, baseline = out, stage.value
+                stage.baseline = baseline
+            cosine = F.cosine_similarity(out.float(), reference.float(), dim=1)
+            stage.images = x.shape[0] * reps
+            stage.details = {"min_cosine_to_fp32": float(cosine.min()), "threads": cores, **backbone.runtime.describe()}
+            stage.details.pop("cache", None)
+            stages.append(stage)
+            backbone.close()
+    finally:
+        torch.set_num_threads(threads)
     return stages
 
 
@@ -324,6 +406,7 @@ def _run_job(engine: Any, data: Path, out: Path, stage: Stage) -> None:
         "failed": summary.failed,
         "seconds": round(summary.seconds, 2),
         "decode": engine.info.decode_backend,
+        "runtime": f"{engine.info.runtime} {engine.info.precision}",
     }
 
 
@@ -403,6 +486,20 @@ def bench_grpc(cfg_file: Path | None, paths: Sequence[Path], clients: int, reque
         except subprocess.TimeoutExpired:
             proc.kill()
     return stage
+
+
+def _overload(args: argparse.Namespace, cfg_file: Path | None, paths: Sequence[Path]) -> list[Stage]:
+    """The `overload` stage of `bench.overload`: 32 clients retrying every 20 ms against a queue of 32."""
+    from bench.overload import bench_overload
+
+    return bench_overload(
+        cfg_file,
+        paths,
+        clients=args.overload_clients,
+        seconds=4.0 if args.quick else args.overload_seconds,
+        measure=_measure,
+        percentiles=_percentiles,
+    )
 
 
 def _vectors(parquet: Path) -> np.ndarray:
@@ -619,6 +716,11 @@ def _run_suite(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     stages += step("decode", lambda: bench_decode(sample, device, cfg.engine.batch_size))
     stages.append(step("preprocess", lambda: bench_preprocess(sample, device, cfg.engine.batch_size)))
+    if device.type == "cpu":
+        stages += step(
+            "runtimes",
+            lambda: bench_runtimes(cfg.backbone.model, sample, cfg.engine.batch_size, 2 if args.quick else 10, work),
+        )
     stages += step(
         "backbone",
         lambda: bench_backbone(cfg.backbone.model, device, cfg.engine.batch_size, 2 if args.quick else 5, args.compile),
@@ -631,6 +733,7 @@ def _run_suite(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stages.append(
         step("grpc", lambda: bench_grpc(config_file, grpc_paths, args.clients, args.request_size, offline.value))
     )
+    stages += step("overload", lambda: _overload(args, config_file, grpc_paths))
     vectors = _vectors(parquet)
     stages += step("knn", lambda: bench_knn(vectors))
     stages += step("clustering", lambda: bench_clustering(vectors, 2_000 if args.quick else args.cluster_limit))
@@ -672,8 +775,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
-        "| stage | result | baseline | ratio | p50 / p99 ms | peak host MiB | notes |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | result | baseline | ratio | p50 / p99 ms | peak host MiB | user / sys s | notes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in result["stages"]:
         base = f"{_fmt(s['baseline'], '.2f')} ({s['baseline_name']})" if s["baseline"] is not None else "—"
@@ -682,7 +785,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         notes = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s["details"].items())
         lines.append(
             f"| {s['name']} | {s['value']:.2f} {s['unit']} | {base} | {ratio} | {lat} | "
-            f"{s['peak_host_bytes'] / 2**20:.0f} | {notes} |"
+            f"{s['peak_host_bytes'] / 2**20:.0f} | {s.get('user_s', 0):.1f} / {s.get('sys_s', 0):.1f} | {notes} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -704,6 +807,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="images for the DataLoader baseline (0 = all; a random subset otherwise)",
     )
     parser.add_argument("--grpc-images", type=int, default=2048, help="images sent through the server")
+    parser.add_argument("--overload-clients", type=int, default=32, help="clients flooding the server (overload)")
+    parser.add_argument("--overload-seconds", type=float, default=30.0, help="seconds per overload phase (--quick: 4)")
     parser.add_argument("--cluster-limit", type=int, default=20_000, help="points for DBSCAN/HDBSCAN (sampled)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
 

@@ -15,9 +15,11 @@ Semantics (shared by every implementation):
   downscale factor), computed in float32 without rounding back to uint8;
 - grayscale is repeated to three channels; output = (x / 255 - mean) / std per channel.
 
-The Triton kernel runs the whole ragged batch in one launch: the images are packed into one flat
-uint8 buffer with a per-image table (offset, shape, strides, letterbox geometry), and the grid is
-(image, output row tile, output column tile).
+The Triton kernel runs a ragged batch in as few launches as memory allows: consecutive images are packed
+into one flat uint8 buffer per launch with a per-image table (offset, shape, strides, letterbox geometry), and
+the grid is (image, output row tile, output column tile). The pack copies its images, so a launch packs at most
+`PACK_BYTES` (the extra memory is one group's copy, not the batch's); an image larger than that is its own
+group and is read in place, not copied.
 """
 
 # Triton kernels name compile-time constants in capitals and take many positional arguments.
@@ -50,6 +52,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PAD_CODES = {"zero": 0, "white": 1, "edge": 2}
 # Per-image table columns: offset, C, H, W, stride_c, stride_h, stride_w, new_h, new_w, top, left, taps_y, taps_x.
 _TABLE_COLS = 13
+PACK_BYTES = 64 * 2**20
+"""Most image bytes one kernel launch packs (copies) together; see the module docstring."""
 
 
 def letterbox_geometry(height: int, width: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
@@ -162,10 +166,29 @@ def _taps(in_size: int, out_size: int) -> int:
     return math.floor(2.0 * support) + 2
 
 
+def pack_groups(images: Sequence[torch.Tensor], limit: int = PACK_BYTES) -> list[range]:
+    """Split image positions into consecutive groups of at most `limit` bytes each (an image larger than `limit`
+    alone in its group): one kernel launch per group."""
+    groups: list[range] = []
+    start, total = 0, 0
+    for i, image in enumerate(images):
+        nbytes = image.numel() * image.element_size()
+        if i > start and total + nbytes > limit:
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += nbytes
+    if len(images) > start:
+        groups.append(range(start, len(images)))
+    return groups
+
+
 def _pack(
     images: Sequence[torch.Tensor], size: tuple[int, int], policy: ResizePolicy, layout: ImageLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack ragged images into one flat uint8 buffer and an int64 (N, 13) table on their device."""
+    """Pack ragged images into one flat uint8 buffer and an int64 (N, 13) table on their device.
+
+    The buffer is a copy of the images, except for a single contiguous image: then it is a view of its storage.
+    """
     out_h, out_w = size
     rows: list[list[int]] = []
     offset = 0
@@ -177,7 +200,7 @@ def _pack(
             new_h, new_w, top, left = letterbox_geometry(h, w, out_h, out_w)
         rows.append([offset, c, h, w, s_c, s_h, s_w, new_h, new_w, top, left, _taps(h, new_h), _taps(w, new_w)])
         offset += image.numel()
-    flat = torch.cat([image.reshape(-1) for image in images])
+    flat = images[0].reshape(-1) if len(images) == 1 else torch.cat([image.reshape(-1) for image in images])
     table = torch.tensor(rows, dtype=torch.int64).to(images[0].device, non_blocking=True)
     return flat, table
 
@@ -195,8 +218,10 @@ def _preprocess_triton(
     layout: ImageLayout = "chw",
     block_h: int | None = None,
     block_w: int | None = None,
+    pack_bytes: int = PACK_BYTES,
 ) -> torch.Tensor:
-    """Run the fused Triton kernel: the whole batch in one launch (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+    """Run the fused Triton kernel, one launch per `pack_groups` group (CUDA tensors, or CPU under
+    TRITON_INTERPRET=1)."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("the Triton preprocess kernel needs the triton package")
     _check_args(images, size, policy, pad)
@@ -205,26 +230,29 @@ def _preprocess_triton(
     if len(mean) != 3 or len(std) != 3:
         raise ValueError("mean and std need three values each (one per output channel)")
     out_h, out_w = size
-    flat, table = _pack(images, size, policy, layout)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((len(images), 3, out_h, out_w), dtype=dtype, device=flat.device, memory_format=memory_format)
+    out = torch.empty((len(images), 3, out_h, out_w), dtype=dtype, device=images[0].device, memory_format=memory_format)
     bh = block_h or min(16, next_power_of_2(out_h))
     bw = block_w or min(32, next_power_of_2(out_w))
-    grid = (len(images), triton.cdiv(out_h, bh), triton.cdiv(out_w, bw))
-    _preprocess_kernel[grid](
-        flat,
-        table,
-        out,
-        out_h,
-        out_w,
-        *out.stride(),
-        *(float(m) for m in mean),
-        *(float(s) for s in std),
-        PAD_MODE=_PAD_CODES[pad] if policy == "letterbox" else 0,
-        TABLE_COLS=_TABLE_COLS,
-        BLOCK_H=bh,
-        BLOCK_W=bw,
-    )
+    for group in pack_groups(images, pack_bytes):
+        flat, table = _pack(images[group.start : group.stop], size, policy, layout)
+        part = out[group.start : group.stop]
+        grid = (len(group), triton.cdiv(out_h, bh), triton.cdiv(out_w, bw))
+        _preprocess_kernel[grid](
+            flat,
+            table,
+            part,
+            out_h,
+            out_w,
+            *part.stride(),
+            *(float(m) for m in mean),
+            *(float(s) for s in std),
+            PAD_MODE=_PAD_CODES[pad] if policy == "letterbox" else 0,
+            TABLE_COLS=_TABLE_COLS,
+            BLOCK_H=bh,
+            BLOCK_W=bw,
+        )
+        del flat, table  # the next group's pack must not hold this one's copy too
     return out
 
 

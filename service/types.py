@@ -66,6 +66,8 @@ class ModelInfo:
     resize: str
     pad: str
     version: str
+    runtime: str = ""
+    """The backbone runtime: `torch`, `openvino`, `onnxruntime` (empty from servers that predate it)."""
 
 
 @dataclass(slots=True)
@@ -206,6 +208,18 @@ NOISE = -1
 Algorithm = Literal["kmeans", "dbscan", "hdbscan", "optics", "kmedoids"]
 BackendName = Literal["auto", "cuml", "torch", "faiss", "sklearn", "kmedoids"]
 Classifier = Literal["logreg", "knn"]
+DensityMetric = Literal["cosine", "euclidean"]
+FilterMethod = Literal["auto", "distance", "cluster"]
+
+PARAMETER_ALGORITHMS: dict[str, tuple[str, ...]] = {
+    "k": ("kmeans", "kmedoids"),
+    "n_init": ("kmeans",),
+    "eps": ("dbscan",),
+    "min_samples": ("dbscan", "hdbscan", "optics"),
+    "min_cluster_size": ("hdbscan", "optics"),
+    "metric": ("dbscan", "hdbscan", "optics"),
+}
+"""The algorithms each optional ClusterParams field applies to; setting it for another algorithm is an error."""
 
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 BACKENDS: dict[str, tuple[str, ...]] = {
@@ -233,19 +247,22 @@ class ClusterParams:
     k_max: int = 10
     """Largest k of the sweep (capped at n - 1)."""
     eps: float | None = None
-    """DBSCAN radius (euclidean); None takes the knee of the k-distance curve."""
-    min_samples: int = 5
-    """DBSCAN/HDBSCAN/OPTICS: neighbours (the point included) that make a core point; k of the k-distance curve."""
-    min_cluster_size: int = 5
-    """HDBSCAN/OPTICS: the smallest group that counts as a cluster."""
+    """DBSCAN radius (in `metric` distance); None takes a robust knee of the k-distance curve."""
+    min_samples: int | None = None
+    """DBSCAN/HDBSCAN/OPTICS: neighbours (the point included) that make a core point; None: max(3, round(ln n))."""
+    min_cluster_size: int | None = None
+    """HDBSCAN/OPTICS: the smallest group that counts as a cluster; None: max(min_samples, round(sqrt(n) / 2))."""
     max_iter: int = 100
     """K-means/K-medoids iterations per run."""
-    n_init: int = 4
-    """K-means restarts (the lowest inertia wins)."""
+    n_init: int | None = None
+    """K-means restarts (the lowest inertia wins); None: 4."""
     seed: int = 0
     """Seeds initialisation and sampling: same seed, same backend, same result."""
     pca_dim: int | None = None
-    """Project onto this many principal components first (None: cluster the vectors as they are)."""
+    """Project onto this many principal components first; None: automatic (density algorithms when d > n), 0: never."""
+    metric: DensityMetric | None = None
+    """DBSCAN/HDBSCAN/OPTICS distance: cosine (euclidean between L2-normalised rows, sqrt(2 - 2 cos)) or euclidean;
+    None: cosine."""
     silhouette_sample: int = 5000
     """Silhouettes use a random sample of this many points when there are more."""
     curves: bool = False
@@ -266,12 +283,21 @@ class ClusterParams:
         if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
             raise ConfigError(f"eps must be a positive number (or unset for auto), got {self.eps}")
         for name in ("min_samples", "max_iter", "n_init", "silhouette_sample"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_cluster_size < 2:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.min_cluster_size is not None and self.min_cluster_size < 2:
             raise ConfigError(f"min_cluster_size must be >= 2, got {self.min_cluster_size}")
-        if self.pca_dim is not None and self.pca_dim < 1:
-            raise ConfigError(f"pca_dim must be >= 1 (or unset for no PCA), got {self.pca_dim}")
+        if self.pca_dim is not None and self.pca_dim < 0:
+            raise ConfigError(f"pca_dim must be >= 1, 0 for no PCA, or unset for automatic, got {self.pca_dim}")
+        if self.metric is not None and self.metric not in get_args(DensityMetric):
+            raise ConfigError(f"unknown metric {self.metric!r}; use cosine or euclidean")
+        for name, algorithms in PARAMETER_ALGORITHMS.items():
+            if getattr(self, name) is not None and self.algorithm not in algorithms:
+                raise ConfigError(
+                    f"{name} does not apply to {self.algorithm} (only to {', '.join(algorithms)}): leave it unset, "
+                    f"or choose one of those algorithms"
+                )
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
@@ -333,6 +359,8 @@ class ClusterResult:
     k_distance: np.ndarray | None = None
     table: Contingency | None = None
     features: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.float32))
+    warnings: list[str] = field(default_factory=list)
+    """Why the result looks degenerate (one cluster, mostly noise), each with the parameter to move."""
 
     @property
     def n_clusters(self) -> int:
@@ -471,6 +499,8 @@ class FilterResult:
     recall: float | None = None
     quality: float | None = None
     removed_clusters: list[int] = field(default_factory=list)
+    reason: str = ""
+    """Why this method and threshold were chosen (automatic filtering), for the user to check."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -487,6 +517,45 @@ class FilterQuery:
     cluster: ClusterParams | None = None
     """The clustering behind `cluster_ids` / `by_cluster` (None: `ClusterParams()`)."""
     max_distance: float | None = None
-    """Distance filtering radius; None: the examples' own spread."""
+    """Distance filtering radius; None: the examples' own spread (method distance) or the gap (auto)."""
+    method: FilterMethod = "auto"
+    """auto (chosen from the data, see `service.analysis.filtering`), distance or cluster."""
     unwanted_attribute: str = ""
     unwanted_values: list[str] = field(default_factory=list)
+
+
+# -- outliers ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierQuery:
+    """What one Outliers call asks for: score every item (of `keys`, or of the whole collection) by how far it lies
+    from the others; `k` neighbours (None: max(5, round(ln n)))."""
+
+    collection: str
+    keys: list[str] = field(default_factory=list)
+    k: int | None = None
+    """Neighbours for the k-th-neighbour distance and LOF; None: max(5, round(ln n)), at most n - 1."""
+    top: int = 0
+    """Only the `top` highest-ranked items in the answer; 0: all."""
+
+    def __post_init__(self) -> None:
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"k must be >= 1 (or unset for automatic), got {self.k}")
+        if self.top < 0:
+            raise ConfigError(f"top must be >= 0 (0: all), got {self.top}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierResult:
+    """Items ranked most unusual first: `keys[i]` has cosine distance `kth_distance[i]` to its k-th neighbour and
+    local outlier factor `lof[i]` (about 1 inside a cluster, larger for outliers); `score` is the rank used (the
+    mean of the two ranks, as a fraction: 1 is the most unusual); `paths` when the items have a `path`."""
+
+    keys: list[str]
+    kth_distance: np.ndarray
+    lof: np.ndarray
+    score: np.ndarray
+    k: int
+    n: int
+    paths: list[str] | None = None

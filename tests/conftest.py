@@ -9,6 +9,11 @@ import torch  # importing torch does not import triton
 # Triton reads TRITON_INTERPRET when it is first imported, and importing `service` imports the kernels:
 # without a GPU, the kernel tests run the Triton code through the interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# Most tests compare embeddings across batches, processes and servers to 1e-5: they run the float32 torch path
+# (and so do the servers and CLI runs they start, which inherit the environment). The runtime tests
+# (tests/unit/embedding/test_runtimes.py) check OpenVINO, ONNX Runtime and bf16 against it explicitly.
+os.environ.setdefault("EMBEDSERVE_BACKBONE_RUNTIME", "torch")
+os.environ.setdefault("EMBEDSERVE_BACKBONE_CPU_PRECISION", "float32")
 
 import io
 from collections.abc import Iterator
@@ -44,7 +49,12 @@ def oct_labels(oct_files: list[Path]) -> list[str]:
 
 def cpu_config(**overrides: object) -> Config:
     """A CPU config with small batches; keyword names are dotted settings with `__` for the dot."""
-    values = {"backbone.device": "cpu", "engine.batch_size": 16}
+    values = {
+        "backbone.device": "cpu",
+        "backbone.runtime": os.environ["EMBEDSERVE_BACKBONE_RUNTIME"],
+        "backbone.cpu_precision": os.environ["EMBEDSERVE_BACKBONE_CPU_PRECISION"],
+        "engine.batch_size": 16,
+    }
     values |= {k.replace("__", "."): v for k, v in overrides.items()}
     return load_config(env={}, overrides=values)
 

@@ -25,17 +25,40 @@ iterations) and raise `ClusterInterruptedError`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from service.analysis import evaluate
-from service.devices import cuda_available, resolve_device
+from service.analysis.density import (  # noqa: F401  (re-exported for callers of the cluster module)
+    DEFAULT_N_INIT,
+    DENSITY_ALGORITHMS,
+    auto_pca_dim,
+    default_min_cluster_size,
+    default_min_samples,
+    degenerate_warnings,
+    is_degenerate,
+    knee,
+    resolve_params,
+    robust_knee_candidates,
+    unit_rows,
+)
+from service.analysis.torch_backend import (
+    DBSCAN_MEMORY_BYTES,  # noqa: F401  (re-exported)
+    ClusterInterruptedError,  # noqa: F401  (re-exported)
+    StopCheck,
+    _check,
+    dbscan_torch,
+    k_distances,
+    kmeans_torch,
+    pca_torch,
+)
+from service.devices import cuda_available
 from service.errors import ConfigError, EmbedServeError
 from service.types import (  # noqa: F401  (re-exported: the records live in service.types)
     ALGORITHMS,
@@ -55,10 +78,6 @@ KMEDOIDS_MAX_ITEMS = 20_000
 """K-medoids holds the full n×n distance matrix; above this many items it is refused (use K-means)."""
 
 
-class ClusterInterruptedError(EmbedServeError):
-    """The run was stopped between steps because its deadline passed or its caller went away."""
-
-
 class BackendUnavailableError(EmbedServeError):
     """The requested backend cannot run here (package missing, no CUDA, or not for this algorithm)."""
 
@@ -70,9 +89,12 @@ def backend_available(backend: str) -> tuple[bool, str]:
     """(available, why not) for one backend on this machine."""
     if backend == "cuml":
         if importlib.util.find_spec("cuml") is None:
-            return False, "cuML is not installed (pip install -e '.[gpu]' on a CUDA machine)"
+            return False, "cuML is not installed (pip install -e '.[gpu-cu13]' on a CUDA machine)"
         if not cuda_available():
             return False, "cuML needs a CUDA GPU and none is visible"
+        broken = _cuml_import_error()
+        if broken:
+            return False, f"cuML is installed but does not import ({broken}); torch runs instead"
         return True, ""
     if backend in ("torch", "faiss", "sklearn", "kmedoids"):
         module = {"torch": "torch", "faiss": "faiss", "sklearn": "sklearn", "kmedoids": "kmedoids"}[backend]
@@ -80,6 +102,18 @@ def backend_available(backend: str) -> tuple[bool, str]:
             return False, f"the {module} package is not installed"
         return True, ""
     return False, f"unknown backend {backend!r}"
+
+
+@functools.cache
+def _cuml_import_error() -> str:
+    """Why `import cuml` fails here ('' when it works): a CUDA or RAPIDS mismatch must not break clustering."""
+    try:
+        import cuml  # noqa: F401
+    except Exception as e:  # any failure of a native stack at import (ImportError, RuntimeError, OSError, ...)
+        logger.warning("cuML does not import (%s: %s); clustering falls back to the next backend", type(e).__name__, e)
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+    return ""
 
 
 def resolve_backend(algorithm: str, backend: str = "auto") -> str:
@@ -111,12 +145,13 @@ def resolve_backend(algorithm: str, backend: str = "auto") -> str:
 
 # -- entry point ----------------------------------------------------------------------------------------------------
 
-StopCheck = Callable[[], bool]
 
-
-def _check(should_stop: StopCheck | None) -> None:
-    if should_stop is not None and should_stop():
-        raise ClusterInterruptedError("clustering stopped: the deadline passed or the caller went away")
+def _check_density_params(p: ClusterParams, n: int) -> None:
+    """Refuse neighbourhood sizes the data cannot have (scikit-learn would fail deep inside with a ValueError)."""
+    if p.min_samples is not None and p.min_samples > n:
+        raise ConfigError(f"min_samples={p.min_samples} is more than the {n} vectors; use at most {n}")
+    if p.min_cluster_size is not None and p.min_cluster_size > n:
+        raise ConfigError(f"min_cluster_size={p.min_cluster_size} is more than the {n} vectors; use at most {n}")
 
 
 def cluster(
@@ -142,16 +177,23 @@ def cluster(
         raise ConfigError("vectors contain NaN or infinity")
     if truth is not None and len(truth) != n:
         raise ConfigError(f"{len(truth)} ground-truth values for {n} vectors")
-    p = params
+    p = resolve_params(params, n, x.shape[1])
     if p.k is not None and p.k > n:
         raise ConfigError(f"k={p.k} is more than the {n} vectors")
+    _check_density_params(p, n)
     backend = resolve_backend(p.algorithm, p.backend)
     if p.algorithm == "kmedoids" and n > KMEDOIDS_MAX_ITEMS:
         raise ConfigError(f"kmedoids holds an n×n distance matrix; {n} items is over {KMEDOIDS_MAX_ITEMS}, use kmeans")
     device = "cuda" if backend in _GPU_BACKENDS and cuda_available() else "cpu"
-    if p.pca_dim is not None and p.pca_dim < x.shape[1]:
+    density = p.algorithm in DENSITY_ALGORITHMS
+    if density and p.metric == "cosine":
+        x = unit_rows(x)
+    if p.pca_dim and p.pca_dim < x.shape[1]:
         x = _pca(x, p.pca_dim, p.seed, device)
+        if density and p.metric == "cosine":
+            x = unit_rows(x)
     _check(should_stop)
+    curve_k = p.min_samples if p.min_samples is not None else default_min_samples(n)
 
     sweep: list[SweepPoint] = []
     k_dist: np.ndarray | None = None
@@ -172,21 +214,25 @@ def cluster(
             k = p.k
         labels, centers, medoids, inertia = _fit_centroids(x, k, p, backend, should_stop)
         if p.curves:
-            k_dist = k_distances(x, p.min_samples, device=device if backend == "torch" else "cpu")
+            k_dist = k_distances(x, curve_k, device=device)
     else:
         if p.algorithm == "dbscan" or p.curves:
-            k_dist = k_distances(x, p.min_samples, device=device if backend == "torch" else "cpu")
+            # On a GPU backend (torch or cuML) the k-distance curve (eps=auto) is computed on the GPU too.
+            k_dist = k_distances(x, curve_k, device=device)
         if p.algorithm == "dbscan":
-            eps = p.eps if p.eps is not None else knee(k_dist if k_dist is not None else np.zeros(0))
-            if eps <= 0:
-                raise ConfigError("the automatic eps came out as 0 (many duplicate vectors); give eps explicitly")
-            labels = _dbscan(x, eps, p.min_samples, backend)
+            if p.eps is not None:
+                eps = p.eps
+                labels = _dbscan(x, eps, curve_k, backend)
+            else:
+                eps, labels = _dbscan_auto_eps(x, k_dist if k_dist is not None else np.zeros(0), p, backend)
         elif p.algorithm == "hdbscan":
             labels = _hdbscan(x, p, backend)
         else:
             labels = _optics(x, p)
         if p.curves:
-            sweep_params = ClusterParams(algorithm="kmeans", seed=p.seed, k_min=p.k_min, k_max=p.k_max)
+            sweep_params = resolve_params(
+                ClusterParams(algorithm="kmeans", seed=p.seed, k_min=p.k_min, k_max=p.k_max), n, x.shape[1]
+            )
             sweep = _sweep(x, sweep_params, "auto", should_stop)
     _check(should_stop)
     labels = np.asarray(labels, dtype=np.int64)
@@ -195,6 +241,9 @@ def cluster(
         metrics["inertia"] = inertia
     if eps is not None:
         metrics["eps"] = eps
+    warnings = degenerate_warnings(labels, p, eps=eps, k_distance=k_dist) if density else []
+    for w in warnings:
+        logger.warning("%s", w)
     table = None
     if truth is not None:
         metrics |= evaluate.supervised_metrics(truth, labels)
@@ -219,7 +268,41 @@ def cluster(
         k_distance=k_dist,
         table=table,
         features=x,
+        warnings=warnings,
     )
+
+
+def _dbscan_auto_eps(x: np.ndarray, curve: np.ndarray, p: ClusterParams, backend: str) -> tuple[float, np.ndarray]:
+    """DBSCAN at a robust knee: of `robust_knee_candidates`, the one whose clustering is not degenerate and has
+    the best silhouette; when all are degenerate (a curve without a knee), the first non-degenerate of the curve's
+    90th, 80th, ..., 50th percentiles; else the plain knee (and the result says it is degenerate)."""
+    candidates = robust_knee_candidates(curve)
+    if not candidates:
+        raise ConfigError("the automatic eps came out as 0 (many duplicate vectors); give eps explicitly")
+    ms = p.min_samples if p.min_samples is not None else default_min_samples(x.shape[0])
+    best: tuple[float, float, np.ndarray] | None = None
+    first: tuple[float, np.ndarray] | None = None
+    for eps in candidates:
+        labels = _dbscan(x, eps, ms, backend)
+        if first is None:
+            first = (eps, labels)
+        if is_degenerate(labels):
+            continue
+        sil = evaluate.silhouette(x, labels, sample_size=p.silhouette_sample, seed=p.seed)
+        score = -1.0 if sil is None else sil
+        if best is None or score > best[0]:
+            best = (score, eps, labels)
+    if best is not None:
+        return best[1], best[2]
+    for q in (0.9, 0.8, 0.7, 0.6, 0.5):
+        eps = float(np.quantile(curve, q))
+        if eps <= 0:
+            break
+        labels = _dbscan(x, eps, ms, backend)
+        if not is_degenerate(labels):
+            return eps, labels
+    assert first is not None
+    return first
 
 
 def _sweep(x: np.ndarray, p: ClusterParams, backend: str, should_stop: StopCheck | None) -> list[SweepPoint]:
@@ -241,8 +324,9 @@ def _fit_centroids(
     """(labels, centers, medoid indices or None, inertia) of K-means or K-medoids with `k` clusters."""
     if p.algorithm == "kmedoids":
         return _kmedoids(x, k, p)
+    n_init = p.n_init if p.n_init is not None else DEFAULT_N_INIT
     if backend == "torch":
-        labels, centers = kmeans_torch(x, k, max_iter=p.max_iter, n_init=p.n_init, seed=p.seed, should_stop=should_stop)
+        labels, centers = kmeans_torch(x, k, max_iter=p.max_iter, n_init=n_init, seed=p.seed, should_stop=should_stop)
     elif backend == "faiss":
         labels, centers = _kmeans_faiss(x, k, p)
     elif backend == "cuml":
@@ -250,7 +334,7 @@ def _fit_centroids(
     else:
         from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters=k, n_init=p.n_init, max_iter=p.max_iter, random_state=p.seed).fit(x)
+        km = KMeans(n_clusters=k, n_init=n_init, max_iter=p.max_iter, random_state=p.seed).fit(x)
         labels, centers = km.labels_, km.cluster_centers_
     labels, centers = _canonical(np.asarray(labels, np.int64), np.asarray(centers, np.float32))
     inertia = float(((x - centers[labels]) ** 2).sum())
@@ -273,129 +357,7 @@ def _pca(x: np.ndarray, dim: int, seed: int, device: str) -> np.ndarray:
     return evaluate.pca_reduce(x, dim, seed=seed) if device == "cpu" else pca_torch(x, dim, device=device)
 
 
-def pca_torch(x: np.ndarray, dim: int, *, device: str = "cpu") -> np.ndarray:
-    """PCA in torch (eigenvectors of the float64 covariance): the first `dim` component scores, float32.
-
-    Signs follow scikit-learn's convention (the largest loading of each component positive), so the result
-    equals `PCA(dim).fit_transform(x)` within float tolerance.
-    """
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(device, torch.float64)
-    t = t - t.mean(dim=0)
-    _, vecs = torch.linalg.eigh(t.T @ t)
-    comps = vecs[:, -dim:].flip(1)
-    signs = torch.sign(comps.gather(0, comps.abs().argmax(dim=0, keepdim=True)))
-    return np.asarray((t @ (comps * signs)).float().cpu().numpy())
-
-
-def k_distances(x: np.ndarray, k: int, *, device: str = "cpu") -> np.ndarray:
-    """Sorted (ascending) euclidean distance of each point to its k-th nearest neighbour, the point itself first.
-
-    With k = DBSCAN's `min_samples`, a point is a core point for any eps >= its k-distance.
-    """
-    import torch
-
-    from kernels.topk import search_topk
-
-    kk = min(k, x.shape[0])
-    t = torch.from_numpy(x).to(device)
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=device)
-    chunk = 4096
-    for start in range(0, x.shape[0], chunk):
-        d2, _ = search_topk(t[start : start + chunk], t, kk, metric="l2")
-        out[start : start + chunk] = d2[:, kk - 1]
-    return np.sort(np.sqrt(out.cpu().numpy().astype(np.float64)))
-
-
-def knee(curve: np.ndarray) -> float:
-    """The value at the knee of an ascending curve: the point farthest below the chord from its first to last point."""
-    y = np.asarray(curve, dtype=np.float64)
-    if y.size == 0:
-        raise ConfigError("cannot find a knee in an empty curve")
-    if y[-1] <= y[0]:
-        return float(y[-1])
-    xs = np.linspace(0.0, 1.0, y.size)
-    yn = (y - y[0]) / (y[-1] - y[0])
-    return float(y[int(np.argmax(xs - yn))])
-
-
 # -- K-means --------------------------------------------------------------------------------------------------------
-
-
-def kmeans_torch(
-    x: np.ndarray,
-    k: int,
-    *,
-    max_iter: int = 100,
-    n_init: int = 4,
-    seed: int = 0,
-    tol: float = 1e-4,
-    device: str | None = None,
-    should_stop: StopCheck | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's K-means in torch on the `kernels.kmeans` steps: (labels int64, centroids float32).
-
-    k-means++ seeding from a CPU generator seeded with `seed` (so CUDA and CPU runs start alike); `n_init`
-    restarts, the lowest inertia kept; stops when the centroids move less than `tol` × the mean feature
-    variance (scikit-learn's criterion). An emptied cluster is re-seeded at the point farthest from its centroid.
-    `device` defaults to CUDA when available.
-    """
-    import torch
-
-    from kernels.kmeans import kmeans_assign, kmeans_update
-
-    dev = resolve_device(device)
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-    n = t.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    threshold = tol * float(t.var(dim=0).mean()) if n > 1 else 0.0
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    for _ in range(n_init):
-        _check(should_stop)
-        centers = _kmeans_pp(t, k, gen)
-        for it in range(max_iter):
-            if it % 10 == 0:
-                _check(should_stop)
-            labels, dist = kmeans_assign(t, centers)
-            new, counts = kmeans_update(t, labels, k, previous=centers)
-            empty = (counts == 0).nonzero().flatten()
-            if empty.numel():
-                far = torch.topk(dist, int(empty.numel())).indices
-                new[empty] = t[far]
-            shift = float(((new - centers) ** 2).sum())
-            centers = new
-            if shift <= threshold:
-                break
-        labels, dist = kmeans_assign(t, centers)
-        inertia = float(dist.double().sum())
-        if best is None or inertia < best[0]:
-            best = (inertia, labels, centers)
-    if best is None:  # n_init >= 1 is validated by ClusterParams; a direct caller may pass 0
-        raise ConfigError("n_init must be >= 1")
-    return best[1].cpu().numpy().astype(np.int64), best[2].float().cpu().numpy()
-
-
-def _kmeans_pp(t: Any, k: int, gen: Any) -> Any:
-    """k-means++ seeding: each next centre drawn with probability proportional to the squared distance."""
-    import torch
-
-    from kernels.kmeans import kmeans_assign
-
-    n = t.shape[0]
-    first = int(torch.randint(n, (1,), generator=gen))
-    centers = t[first : first + 1].clone()
-    for _ in range(1, k):
-        _, d2 = kmeans_assign(t, centers)
-        w = d2.double().cpu()
-        total = float(w.sum())
-        idx = (
-            int(torch.multinomial(w / total, 1, generator=gen))
-            if total > 0
-            else int(torch.randint(n, (1,), generator=gen))
-        )
-        centers = torch.cat([centers, t[idx : idx + 1]])
-    return centers
 
 
 def _kmeans_faiss(x: np.ndarray, k: int, p: ClusterParams) -> tuple[np.ndarray, np.ndarray]:
@@ -489,70 +451,4 @@ def _renumber_density(labels: np.ndarray) -> np.ndarray:
         order = labels[mask][np.sort(first)]
         remap = {int(c): i for i, c in enumerate(order)}
         out[mask] = [remap[int(c)] for c in labels[mask]]
-    return out
-
-
-def dbscan_torch(
-    x: np.ndarray, eps: float, min_samples: int, *, device: str | None = None, chunk: int = 2048
-) -> np.ndarray:
-    """DBSCAN in torch: batched radius search, then connected components of the core points.
-
-    A point is a core point when at least `min_samples` points (itself included) lie within `eps` (euclidean,
-    `<=` as scikit-learn). Core points within `eps` of each other share a cluster (min-label propagation with
-    pointer jumping); a non-core point within `eps` of a core point joins the cluster of its nearest core
-    neighbour; the rest are noise (-1). Clusters are numbered by their first core point, as scikit-learn does.
-    Memory: the edges within `eps` are held (int64 pairs), plus a `chunk`×n distance block.
-    """
-    import torch
-
-    dev = resolve_device(device)
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-    n = t.shape[0]
-    sq = (t * t).sum(dim=1)
-    eps2 = float(eps) ** 2
-    rows, cols, dists = [], [], []
-    counts = torch.zeros(n, dtype=torch.int64, device=dev)
-    for start in range(0, n, chunk):
-        xc = t[start : start + chunk]
-        d2 = (sq[start : start + chunk, None] - 2.0 * (xc @ t.T) + sq[None, :]).clamp_min_(0.0)
-        idx = torch.arange(start, start + xc.shape[0], device=dev)
-        d2[torch.arange(xc.shape[0], device=dev), idx] = 0.0  # a point is at distance 0 from itself
-        within = d2 <= eps2
-        counts[start : start + chunk] = within.sum(dim=1)
-        r, c = within.nonzero(as_tuple=True)
-        rows.append(r + start)
-        cols.append(c)
-        dists.append(d2[r, c])
-    r_all, c_all, d_all = torch.cat(rows), torch.cat(cols), torch.cat(dists)
-    core = counts >= min_samples
-    big = n
-    labels = torch.where(core, torch.arange(n, device=dev), torch.full((n,), big, device=dev))
-    both = core[r_all] & core[c_all]
-    # Both directions, so that float rounding (d[i, j] vs d[j, i]) cannot make an edge one-way.
-    er = torch.cat([r_all[both], c_all[both]])
-    ec = torch.cat([c_all[both], r_all[both]])
-    while True:
-        new = labels.scatter_reduce(0, er, labels[ec], reduce="amin")
-        new = torch.where(core, new[new.clamp_max(n - 1)].minimum(new), new)  # pointer jumping
-        if torch.equal(new, labels):
-            break
-        labels = new
-    # Border points: the cluster of the nearest core neighbour.
-    border_edge = ~core[r_all] & core[c_all]
-    br, bc, bd = r_all[border_edge], c_all[border_edge], d_all[border_edge]
-    if br.numel():
-        best = torch.full((n,), float("inf"), device=dev).scatter_reduce(0, br, bd, reduce="amin")
-        is_best = bd <= best[br]
-        # Ties (equal distances) go to the core neighbour with the smallest index.
-        cand = torch.full((n,), big, dtype=torch.int64, device=dev).scatter_reduce(
-            0, br[is_best], bc[is_best], reduce="amin"
-        )
-        has = cand < big
-        labels = torch.where(has & ~core, labels[cand.clamp_max(n - 1)], labels)
-    out = labels.cpu().numpy().astype(np.int64)
-    out[out >= big] = evaluate.NOISE
-    # Components carry their smallest core index; rank them in that order.
-    mask = out != evaluate.NOISE
-    uniq = np.unique(out[mask])
-    out[mask] = np.searchsorted(uniq, out[mask])
     return out

@@ -331,6 +331,22 @@ def filter_by_examples(
     return _result(keys, mask, "distance", unwanted, max_distance)
 
 
+def filter_mask(
+    keys: Sequence[str], remove_mask: np.ndarray, method: str, unwanted: Sequence[str] | None, threshold: float | None
+) -> FilterResult:
+    """The FilterResult that removes the items where `remove_mask` is true (scored when `unwanted` is given)."""
+    return _result(keys, np.asarray(remove_mask, dtype=bool), method, unwanted, threshold)
+
+
+def nearest_distance(x: np.ndarray, examples: np.ndarray, *, chunk: int = 8192) -> np.ndarray:
+    """Euclidean distance (float64) of every row of `x` to its nearest row of `examples`, in chunks of rows."""
+    out = np.full(x.shape[0], np.inf)
+    ex = np.asarray(examples, dtype=np.float64)
+    for start in range(0, x.shape[0], chunk):
+        out[start : start + chunk] = _pairwise(x[start : start + chunk].astype(np.float64), ex).min(axis=1)
+    return out
+
+
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     d2 = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
     return np.sqrt(np.maximum(d2, 0.0))

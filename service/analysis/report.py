@@ -20,11 +20,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from service.analysis import evaluate
-from service.types import Clustering, ClusterResult, SweepPoint
+from service.types import Clustering, ClusterResult, OutlierResult, SweepPoint
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class ReportData:
     sweep: list[SweepPoint] = field(default_factory=list)
     k_distance: np.ndarray | None = None
     min_samples: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def from_result(
@@ -94,6 +96,7 @@ class ReportData:
             sweep=list(result.sweep),
             k_distance=result.k_distance,
             min_samples=result.params.min_samples,
+            warnings=list(result.warnings),
         )
 
     @classmethod
@@ -118,6 +121,7 @@ class ReportData:
             sweep=list(r.sweep),
             k_distance=r.k_distance,
             min_samples=r.params.min_samples,
+            warnings=list(r.warnings),
         )
 
 
@@ -387,6 +391,7 @@ def render_report(data: ReportData, *, per_cluster: int = 8, thumb_size: int = 9
         f"<h1>{html.escape(data.title)}</h1>",
         f"<p>{len(data.keys)} items, {html.escape(data.algorithm)} on {html.escape(data.backend)}"
         f"{'' if data.k is None else f', k = {data.k}'}.</p>",
+        *(f'<p class="warning">{html.escape(w)}</p>' for w in data.warnings),
         f'<section id="metrics"><h2>Metrics</h2>{_metrics_html(data)}</section>',
     ]
     # Projection coloured by cluster and by label.
@@ -463,4 +468,33 @@ def write_report(data: ReportData, out: str | Path, **kwargs: int) -> Path:
     """Render and write the report; returns the path."""
     path = Path(out)
     path.write_text(render_report(data, **kwargs), encoding="utf-8")
+    return path
+
+
+def render_outliers(result: OutlierResult, *, title: str = "embedserve outliers", thumb_size: int = 96) -> str:
+    """The outlier ranking as one HTML page: rank, key, both scores and a thumbnail of each item (its `path`)."""
+    rows = []
+    for rank, key in enumerate(result.keys, start=1):
+        i = rank - 1
+        uri = thumbnail(result.paths[i], thumb_size) if result.paths and result.paths[i] else None
+        img = f'<img src="{uri}" alt="{html.escape(key)}">' if uri else '<span class="note">no image</span>'
+        rows.append(
+            f"<tr><td>{rank}</td><td>{img}</td><td>{html.escape(key)}</td>"
+            f"<td>{_fmt(float(result.kth_distance[i]))}</td><td>{_fmt(float(result.lof[i]))}</td>"
+            f"<td>{_fmt(float(result.score[i]))}</td></tr>"
+        )
+    head = "<tr><th>rank</th><th>image</th><th>key</th><th>k-th neighbour distance</th><th>LOF</th><th>score</th></tr>"
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{len(result.keys)} of {result.n} items, most unusual first; "
+        f"k = {result.k} neighbours (cosine).</p>"
+        f'<section id="outliers"><table>{head}{"".join(rows)}</table></section></body></html>'
+    )
+
+
+def write_outliers(result: OutlierResult, out: str | Path, **kw: Any) -> Path:
+    """Write `render_outliers(result, **kw)` to `out`; returns the path."""
+    path = Path(out)
+    path.write_text(render_outliers(result, **kw), encoding="utf-8")
     return path

@@ -1,4 +1,4 @@
-"""The `embedserve.v1.Clusterer` servicer: Cluster, Probe and Filter over the vectors of a stored collection.
+"""The `embedserve.v1.Clusterer` servicer: Cluster, Probe, Filter and Outliers over the vectors of a stored collection.
 
     add_clusterer(grpc_server, embed_server)    # registers ClustererServicer over embed_server.index
 
@@ -83,6 +83,12 @@ class ClustererServicer(cpb_grpc.ClustererServicer):
         query = convert.filter_query_from_proto(request)
         result = await self._run(context, lambda stop: self.analysis.filter(query, should_stop=stop))
         return convert.filter_result_to_proto(result)
+
+    @unary_rpc
+    async def Outliers(self, request: cpb.OutliersRequest, context: grpc.aio.ServicerContext) -> cpb.OutliersResponse:
+        query = convert.outlier_query_from_proto(request)
+        result = await self._run(context, lambda stop: self.analysis.outliers(query))
+        return convert.outlier_result_to_proto(result)
 
     async def _run(self, context: grpc.aio.ServicerContext, work: Callable[[StopCheck], T]) -> T:
         """`work(should_stop)` in a worker thread, once a slot is free; `should_stop` turns true at the call's

@@ -17,6 +17,7 @@ from service.api.errors import CallGate, stream_rpc, unary_rpc
 from service.app.embedding import Embedding, ImageEmbedder, IndexThreads
 from service.app.neighbors import Neighbors
 from service.config import Config
+from service.errors import EngineUnavailableError
 from service.index.store import DEFAULT_COLLECTION, IndexStore
 from service.metrics import Metrics
 from service.types import EmbedBatch, ModelInfo
@@ -29,6 +30,9 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
 
 STREAM_WINDOW = 4
 """Requests of one EmbedStream in the batcher at once; the server reads no further until the oldest is answered."""
+
+DRAIN_MESSAGE = "server shutting down; resume elsewhere (the requests answered so far are done)"
+"""The UNAVAILABLE detail that ends an open EmbedStream when the server drains."""
 
 PAGE_SIZE = 1024
 """Items per `ListItems` page when the request says 0."""
@@ -88,8 +92,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         context: grpc.aio.ServicerContext,
         window: asyncio.Queue[asyncio.Future[pb.EmbedResponse] | None],
     ) -> None:
+        messages = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while (request := await self._next_request(messages)) is not None:
                 batch = convert.embed_batch_from_proto(request)
                 self.embedding.validate(batch)
                 task = asyncio.create_task(self._embed(batch, context, wait=True))
@@ -103,6 +108,29 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             await window.put(failed)
             return
         await window.put(None)
+
+    async def _next_request(self, messages: AsyncIterator[pb.EmbedRequest]) -> pb.EmbedRequest | None:
+        """The stream's next request (None at its end); once the server drains, EngineUnavailableError instead.
+
+        A drain stops the reading at once, also while the client is between requests: the requests already read are
+        answered, then the stream ends with UNAVAILABLE, well inside the grace period.
+        """
+        if self.gate.draining:
+            raise EngineUnavailableError(DRAIN_MESSAGE)
+        read = asyncio.ensure_future(anext(messages))
+        drain = asyncio.ensure_future(self.gate.wait_draining())
+        try:
+            await asyncio.wait({read, drain}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drain.cancel()
+            if not read.done():
+                read.cancel()
+        if read.cancelled():
+            raise EngineUnavailableError(DRAIN_MESSAGE)
+        try:
+            return read.result()
+        except StopAsyncIteration:
+            return None
 
     @unary_rpc
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

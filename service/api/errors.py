@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -69,6 +70,17 @@ logger = logging.getLogger(__name__)
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("embedserve_request_id", default="")
 """The id of the call being handled (from `x-request-id` metadata, else generated); set by `ObserveInterceptor`."""
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives every log record a `request_id` attribute: the id of the call it was logged under ("" outside one).
+
+    Installed on the server's log handler, so that `--log-format json` names the request of each line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", ""):
+            record.request_id = request_id.get()
+        return True
 
 
 class AuthenticationError(EmbedServeError):
@@ -117,10 +129,11 @@ async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoRe
     """
     if isinstance(error, asyncio.CancelledError | grpc.aio.AbortError):
         raise error
-    rid = request_id.get()
+    # Every INTERNAL names a request id, in the reply and in the log, even on a server without ObserveInterceptor.
+    rid = request_id.get() or uuid.uuid4().hex[:16]
     code, message = rpc_status(error, rid)
     if code == grpc.StatusCode.INTERNAL:
-        logger.error("request %s failed with an internal error", rid or "-", exc_info=error)
+        logger.error("request %s failed with an internal error", rid, exc_info=error)
     await context.abort(code, message)
     raise AssertionError("context.abort returned")  # unreachable: abort raises
 
@@ -136,6 +149,11 @@ class CallGate:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._drain_started = asyncio.Event()
+
+    async def wait_draining(self) -> None:
+        """Return once `drain` has begun (open streams stop reading new requests then)."""
+        await self._drain_started.wait()
 
     @property
     def in_flight(self) -> int:
@@ -158,6 +176,7 @@ class CallGate:
     async def drain(self, grace: float) -> bool:
         """Refuse new calls and wait up to `grace` seconds for the in-flight ones; True when all finished."""
         self.draining = True
+        self._drain_started.set()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         except TimeoutError:

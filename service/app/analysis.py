@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from service.analysis import evaluate
+from service.analysis import evaluate, filtering, outliers
 from service.analysis.cluster import cluster
 from service.errors import ClusterRequestError, EmbedServeError, NoIndexError
 from service.types import (
@@ -25,6 +25,8 @@ from service.types import (
     FetchedItems,
     FilterQuery,
     FilterResult,
+    OutlierQuery,
+    OutlierResult,
     ProbeQuery,
     ProbeResult,
 )
@@ -65,7 +67,15 @@ def cluster_items(
     """Cluster `items.vectors`, scored against `ground_truth_attribute` when given; with `include_details`, also
     what a report needs (2-D projection, distance to the centre, ground truth and `path` of every item)."""
     truth = attribute_values(items, ground_truth_attribute) if ground_truth_attribute else None
-    result = cluster(items.vectors, params, truth=truth, should_stop=should_stop)
+    try:
+        result = cluster(items.vectors, params, truth=truth, should_stop=should_stop)
+    except ValueError as e:
+        if isinstance(e, EmbedServeError):
+            raise
+        # A parameter scikit-learn (or another backend) refuses for this data: the caller's to fix.
+        raise ClusterRequestError(
+            f"the {params.algorithm} parameters do not fit these {len(items.keys)} items: {e}"
+        ) from e
     clustering = Clustering(keys=list(items.keys), result=result, truth=truth)
     if include_details:
         clustering.paths = [a.get("path", "") for a in items.attributes]
@@ -117,16 +127,19 @@ def filter_items(items: FetchedItems, query: FilterQuery, *, should_stop: StopCh
         unwanted = [k for k, v in zip(items.keys, marks, strict=True) if v in values]
     examples = list(query.example_keys)
     try:
-        if query.by_cluster or query.cluster_ids:
+        if query.by_cluster or query.cluster_ids or query.method == "cluster":
             params = query.cluster if query.cluster is not None else ClusterParams()
             labels = cluster(items.vectors, params, should_stop=should_stop).labels
             ids = sorted(set(query.cluster_ids) | set(evaluate.example_clusters(items.keys, labels, examples)))
             if not ids:
                 raise ClusterRequestError("no cluster to remove: give cluster_ids or examples that fall in one")
             r = evaluate.filter_by_clusters(items.keys, labels, ids, unwanted=unwanted)
+        elif not examples:
+            raise ClusterRequestError("give example_keys (or cluster_ids / by_cluster)")
+        elif query.method == "auto" and query.max_distance is None:
+            r = filtering.auto_filter(items.keys, items.vectors, examples, unwanted=unwanted)
+            ids = r.removed_clusters
         else:
-            if not examples:
-                raise ClusterRequestError("give example_keys (or cluster_ids / by_cluster)")
             ids = []
             r = evaluate.filter_by_examples(
                 items.keys, items.vectors, examples, max_distance=query.max_distance, unwanted=unwanted
@@ -148,11 +161,28 @@ def filter_items(items: FetchedItems, query: FilterQuery, *, should_stop: StopCh
         recall=r.recall,
         quality=r.quality,
         removed_clusters=ids,
+        reason=r.reason,
     )
 
 
+def outliers_items(items: FetchedItems, query: OutlierQuery) -> OutlierResult:
+    """The items ranked most unusual first (`service.analysis.outliers`), with their `path` attributes."""
+    try:
+        return outliers.rank_outliers(
+            items.keys,
+            items.vectors,
+            k=query.k,
+            top=query.top,
+            paths=[a.get("path", "") for a in items.attributes],
+        )
+    except ValueError as e:
+        if isinstance(e, EmbedServeError):
+            raise
+        raise ClusterRequestError(str(e)) from e
+
+
 class Analysis:
-    """Cluster, probe and filter the vectors of a stored collection (or some of its keys)."""
+    """Cluster, probe, filter and score outliers in the vectors of a stored collection (or some of its keys)."""
 
     def __init__(self, source: VectorSource | None, *, observe: ResultObserver | None = None) -> None:
         self.source = source
@@ -188,3 +218,7 @@ class Analysis:
     def filter(self, query: FilterQuery, *, should_stop: StopCheck | None = None) -> FilterResult:
         """Filter the collection as `query` says (see `filter_items`)."""
         return filter_items(self.fetch(query.collection, query.keys), query, should_stop=should_stop)
+
+    def outliers(self, query: OutlierQuery) -> OutlierResult:
+        """Rank the items of the collection by how unusual they are (see `outliers_items`)."""
+        return outliers_items(self.fetch(query.collection, query.keys), query)

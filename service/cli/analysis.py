@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from service.app.analysis import cluster_items, filter_items, probe_items
-from service.cli.common import EXIT_OK, UsageError, token
-from service.types import FetchedItems, FilterQuery, ProbeQuery
+from service.app.analysis import cluster_items, filter_items, outliers_items, probe_items
+from service.cli.common import EXIT_OK, UsageError, add_tls_flags, add_wait_flag, connection, wait_for_server
+from service.types import FetchedItems, FilterQuery, OutlierQuery, ProbeQuery
 
 __all__ = ["UsageError", "load_parquet", "register", "run_clustering"]
 
@@ -60,7 +60,9 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--collection", help="collection on --server")
     src.add_argument("--keys-file", help="only the keys listed in this file (one per line)")
     src.add_argument("--token", help="bearer token for --server (or EMBEDSERVE_TOKEN)")
+    add_tls_flags(src)
     src.add_argument("--timeout", type=float, default=600.0, help="deadline of a server call in seconds")
+    add_wait_flag(parser)
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser, *, default_k: str = "auto") -> None:
@@ -73,10 +75,15 @@ def _add_cluster_options(parser: argparse.ArgumentParser, *, default_k: str = "a
     )
     g.add_argument("--k-min", type=int, default=2, help="smallest k of the sweep (default 2)")
     g.add_argument("--k-max", type=int, default=10, help="largest k of the sweep (default 10)")
-    g.add_argument("--eps", default="auto", help="DBSCAN radius or 'auto' (knee of the k-distance curve)")
-    g.add_argument("--min-samples", type=int, default=5, help="DBSCAN/HDBSCAN/OPTICS core neighbours (default 5)")
-    g.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN/OPTICS smallest cluster (default 5)")
-    g.add_argument("--n-init", type=int, default=4, help="K-means restarts (default 4)")
+    g.add_argument("--eps", help="DBSCAN radius or 'auto' (default: a robust knee of the k-distance curve)")
+    g.add_argument(
+        "--min-samples", type=int, help="DBSCAN/HDBSCAN/OPTICS core neighbours (default max(3, round(ln n)))"
+    )
+    g.add_argument(
+        "--min-cluster-size", type=int, help="HDBSCAN/OPTICS smallest cluster (default max(min_samples, sqrt(n)/2))"
+    )
+    g.add_argument("--n-init", type=int, help="K-means restarts (default 4)")
+    g.add_argument("--metric", choices=["cosine", "euclidean"], help="DBSCAN/HDBSCAN/OPTICS distance (default cosine)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument(
         "--backend",
@@ -84,7 +91,9 @@ def _add_cluster_options(parser: argparse.ArgumentParser, *, default_k: str = "a
         choices=["auto", "cuml", "torch", "faiss", "sklearn", "kmedoids"],
         help="where to run (default auto: GPU first)",
     )
-    g.add_argument("--pca", type=int, help="project onto this many principal components first")
+    g.add_argument(
+        "--pca", type=int, help="project onto this many principal components first (0: never; default: automatic)"
+    )
     g.add_argument(
         "--features",
         default="embedding",
@@ -100,8 +109,8 @@ def _params(args: argparse.Namespace, *, curves: bool = False) -> Any:
     from service.analysis.cluster import ClusterParams
 
     try:
-        k = None if str(args.k).lower() == "auto" else int(args.k)
-        eps = None if str(args.eps).lower() == "auto" else float(args.eps)
+        k = None if args.k is None or str(args.k).lower() == "auto" else int(args.k)
+        eps = None if args.eps is None or str(args.eps).lower() == "auto" else float(args.eps)
     except ValueError as e:
         raise UsageError(f"--k and --eps take a number or 'auto': {e}") from e
     return ClusterParams(
@@ -116,6 +125,7 @@ def _params(args: argparse.Namespace, *, curves: bool = False) -> Any:
         n_init=args.n_init,
         seed=args.seed,
         pca_dim=args.pca,
+        metric=args.metric,
         curves=curves,
     )
 
@@ -136,7 +146,13 @@ def _check_source(args: argparse.Namespace) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from service.client.cluster import ClusterClient
 
-    return ClusterClient(args.server, token=token(args), timeout=args.timeout)
+    client = ClusterClient(args.server, timeout=args.timeout, **connection(args))
+    try:
+        wait_for_server(client, args)
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 def _local_items(args: argparse.Namespace) -> FetchedItems:
@@ -224,6 +240,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     k = f", k = {data.k}" if data.k is not None else ""
     eps = f", eps = {data.eps:.4g}" if data.eps is not None else ""
     print(f"{data.algorithm} on {data.backend}: {len(data.keys)} items{k}{eps}, {data.seconds:.2f} s")
+    for warning in data.warnings:
+        print(f"warning: {warning}")
     if data.table is not None:
         print(f"\ncluster by {args.ground_truth}:\n{data.table.format()}")
     print("\nmetrics:")
@@ -251,6 +269,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 "counts": data.table.counts.tolist(),
             },
             "sweep": [{"k": s.k, "silhouette": _finite(s.silhouette), "inertia": s.inertia} for s in data.sweep],
+            "warnings": data.warnings,
         }
         _write_json(args.json, payload)
     return EXIT_OK
@@ -258,6 +277,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     _check_source(args)
+    if args.server and args.features == "raw":
+        raise UsageError("probe --features raw reads the images: use --parquet (its `path` column) for it")
     if args.server:
         if args.group_pattern:
             raise UsageError("--group-pattern works on --parquet; against a server, store the group as an attribute")
@@ -274,6 +295,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
             )
     else:
         items = _local_items(args)
+        if args.features == "raw":
+            raw = _raw_features([a.get("path", "") for a in items.attributes], args)
+            items = FetchedItems(items.keys, raw, items.attributes)
         groups, group_name = None, None
         if args.group_pattern and not args.group:
             pattern = re.compile(args.group_pattern)
@@ -340,6 +364,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
                 max_distance=args.max_distance,
                 unwanted_attribute=args.unwanted_attribute or "",
                 unwanted_values=sorted(unwanted_values),
+                method=args.method,
             )
     else:
         query = FilterQuery(
@@ -351,11 +376,14 @@ def cmd_filter(args: argparse.Namespace) -> int:
             max_distance=args.max_distance,
             unwanted_attribute=args.unwanted_attribute or "",
             unwanted_values=sorted(unwanted_values),
+            method=args.method,
         )
         result = filter_items(_local_items(args), query)
     removed_clusters = result.removed_clusters
     how = f"clusters {removed_clusters}" if result.method == "cluster" else f"distance <= {result.threshold:.4g}"
     print(f"remove {len(result.remove)}, keep {len(result.keep)} (by {how})")
+    if result.reason:
+        print(f"method chosen: {result.reason}")
     if result.precision is not None and result.recall is not None and result.quality is not None:
         print(
             f"precision {result.precision:.3f}, recall {result.recall:.3f}, "
@@ -373,6 +401,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
             args.json,
             {
                 "method": result.method,
+                "reason": result.reason,
                 "threshold": result.threshold,
                 "removed_clusters": removed_clusters,
                 "remove": result.remove,
@@ -380,6 +409,38 @@ def cmd_filter(args: argparse.Namespace) -> int:
                 "precision": result.precision,
                 "recall": result.recall,
                 "quality": result.quality,
+            },
+        )
+    return EXIT_OK
+
+
+def cmd_outliers(args: argparse.Namespace) -> int:
+    from service.analysis.report import write_outliers
+
+    _check_source(args)
+    if args.server:
+        with _client(args) as client:
+            result = client.outliers(args.collection, keys=_keys_filter(args), k=args.k, top=args.top)
+    else:
+        result = outliers_items(_local_items(args), OutlierQuery(collection=args.parquet, k=args.k, top=args.top))
+    print(f"{len(result.keys)} of {result.n} items, most unusual first (k = {result.k}, cosine)")
+    print(f"{'rank':>4}  {'kth-dist':>8}  {'LOF':>6}  {'score':>5}  key")
+    for rank, key in enumerate(result.keys, start=1):
+        i = rank - 1
+        print(f"{rank:4d}  {result.kth_distance[i]:8.4f}  {result.lof[i]:6.3f}  {result.score[i]:5.3f}  {key}")
+    if args.report:
+        path = write_outliers(result, args.report)
+        print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "k": result.k,
+                "n": result.n,
+                "items": [
+                    {"key": key, "kth_distance": float(d), "lof": float(f), "score": float(sc)}
+                    for key, d, f, sc in zip(result.keys, result.kth_distance, result.lof, result.score, strict=True)
+                ],
             },
         )
     return EXIT_OK
@@ -411,6 +472,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--knn-k", type=int, default=5, help="neighbours of the kNN classifier (default 5)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the folds")
+    p.add_argument(
+        "--features",
+        default="embedding",
+        choices=["embedding", "raw"],
+        help="probe the embeddings or flattened grayscale pixels (the studies' baseline; needs readable paths)",
+    )
+    p.add_argument("--raw-size", type=int, default=64, help="raw features: side of the downscaled image (default 64)")
+    p.add_argument("--raw-pca", type=int, default=0, help="raw features: PCA dimensions (default 0 = all pixels)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_probe)
 
@@ -420,6 +489,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     f.add_argument("--examples-file", help="file with keys of unwanted images, one per line")
     f.add_argument("--cluster-id", type=int, nargs="+", help="remove these clusters (of the clustering options)")
     f.add_argument("--by-cluster", action="store_true", help="remove the clusters holding the examples")
+    f.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "distance", "cluster"],
+        help="auto (default): the examples' density cluster, else the smaller side of a 2-way split, else the gap "
+        "in the distances; distance: within --max-distance (default the examples' spread); cluster: --by-cluster",
+    )
     f.add_argument("--max-distance", type=float, help="remove items this close to an example (default: their spread)")
     f.add_argument("--unwanted-attribute", help="score the removal: the attribute that marks unwanted items")
     f.add_argument("--unwanted-values", nargs="+", help="values of --unwanted-attribute that should be removed")
@@ -428,6 +504,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     f.add_argument("--json", help="also write the results to this JSON file")
     _add_cluster_options(f, default_k="auto")
     f.set_defaults(func=cmd_filter)
+
+    o = sub.add_parser("outliers", parents=[common], help="rank items by k-th neighbour distance and LOF")
+    _add_source(o)
+    o.add_argument("--k", type=int, help="neighbours of both scores (default max(5, round(ln n)))")
+    o.add_argument("--top", type=int, default=20, help="show the TOP most unusual items (default 20; 0 = all)")
+    o.add_argument("--report", help="also write an HTML page with a thumbnail of each ranked item")
+    o.add_argument("--json", help="also write the ranking to this JSON file")
+    o.set_defaults(func=cmd_outliers)
 
     r = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a clustering")
     _add_source(r)

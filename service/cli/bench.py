@@ -1,4 +1,4 @@
-"""`embedserve bench generate | run | kernels`: the benchmark suite of `bench/` from the command line."""
+"""`embedserve bench generate | run | kernels | soak | gpu`: the benchmark suite of `bench/` from the command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add `bench` and its subcommands to the `embedserve` subcommands."""
-    from bench import generate, run
+    from bench import generate, gpu_check, run, soak
 
     bench = sub.add_parser("bench", parents=[common], help="benchmarks and the synthetic OCT data set")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -22,6 +22,14 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     kernels.add_argument("--device", default="cuda", help="device to time on (default cuda)")
     kernels.add_argument("--quick", action="store_true", help="small inputs, a few seconds")
     kernels.add_argument("--json", help="also write the results to this JSON file")
+    soak_parser = bench_sub.add_parser(
+        "soak", parents=[common], help="a real server under mixed traffic; fails if its memory keeps growing"
+    )
+    soak.add_arguments(soak_parser)
+    gpu = bench_sub.add_parser(
+        "gpu", parents=[common], help="the GPU check: every GPU path in one process, <= 8 minutes (--dry-run on CPU)"
+    )
+    gpu_check.add_arguments(gpu)
     bench.set_defaults(func=cmd_bench)
 
 
@@ -34,6 +42,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench import run
 
         return run.run(args)
+    if args.bench_command == "soak":
+        from bench import soak
+
+        return soak.run(args)
+    if args.bench_command == "gpu":
+        from bench import gpu_check
+
+        return gpu_check.run(args)
     from bench import kernels
 
     argv = (

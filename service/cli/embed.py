@@ -3,12 +3,14 @@
 
     embedserve embed tests/data/oct-sample --out oct.parquet
     embedserve embed scans/ --out scans.parquet --server HOST:PORT --store --collection oct
+    embedserve embed /shared/scans --out /shared/scans.parquet --ray ray://HEAD:10001
     embedserve export-backbone --model efficientnet_lite0 --out lite0.ts
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,9 +23,12 @@ from service.cli.common import (
     EXIT_OK,
     UsageError,
     add_engine_flags,
+    add_tls_flags,
+    add_wait_flag,
+    connection,
     engine_overrides,
     load,
-    token,
+    wait_notice,
 )
 
 if TYPE_CHECKING:
@@ -42,10 +47,34 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     embed.add_argument("--server", help="HOST:PORT of a running embedserve: stream the images to it instead")
     embed.add_argument("--token", help="bearer token for --server (or EMBEDSERVE_TOKEN)")
+    add_tls_flags(embed)
     embed.add_argument(
         "--store", action="store_true", help="also store the vectors (with label and path) in the server's index"
     )
     embed.add_argument("--collection", default="", help="collection for --store (default: default)")
+    embed.add_argument(
+        "--attr",
+        action="append",
+        default=[],
+        metavar="NAME=REGEX",
+        help="with --store, also store NAME captured from each relative path by REGEX (its group NAME, else its "
+        "first group, else the match); repeatable, e.g. --attr 'patient=-(\\d+)-'",
+    )
+    embed.add_argument(
+        "--attributes",
+        metavar="CSV",
+        help="with --store, also store the columns of this CSV file's row for each key (a header with `key`)",
+    )
+    add_wait_flag(embed)
+    embed.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="run the job on Ray Data (pip install 'embedserve[ray]'): actors on every node embed (or, with "
+        "--server, stream to the server); ADDRESS of the cluster, or `auto` (the default) = $RAY_ADDRESS, else "
+        "Ray started on this machine; every node must see DIRECTORY at the same path",
+    )
     embed.add_argument(
         "--part-rows",
         type=int,
@@ -66,21 +95,33 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from service.jobs.attributes import AttributeRules
     from service.jobs.embed_dir import EmbedJobOptions
 
+    root = Path(args.directory)
+    if not root.is_dir():  # before a model is loaded or a server is dialled
+        why = "" if root.exists() else " (it does not exist)"
+        raise UsageError(f"{root} is not a directory{why}; pass the directory that holds the images")
+    if args.store and not args.server:
+        raise UsageError("--store keeps the vectors in a server's index: add --server HOST:PORT")
+    if (args.attr or args.attributes) and not args.store:
+        raise UsageError("--attr and --attributes are stored in the server's index: add --server HOST:PORT --store")
+    attributes = AttributeRules.build(attrs=args.attr, csv_path=Path(args.attributes) if args.attributes else None)
     options = EmbedJobOptions(
-        root=Path(args.directory),
+        root=root,
         out=Path(args.out),
         labels=not args.no_labels,
         progress=not args.quiet,
         part_rows=args.part_rows,
+        attributes=attributes or None,
     )
-    if args.store and not args.server:
-        raise UsageError("--store keeps the vectors in a server's index: add --server HOST:PORT")
     # A plain `kill` should stop as cleanly as Ctrl-C: flush what was embedded, leave a resumable output.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        summary = _embed_remote(args, options) if args.server else _embed_local(args, options)
+        if args.ray:
+            summary = _embed_ray(args, options)
+        else:
+            summary = _embed_remote(args, options) if args.server else _embed_local(args, options)
     except KeyboardInterrupt:
         print(
             f"interrupted: what was embedded is kept; re-run the same command to resume into {options.out}",
@@ -127,11 +168,51 @@ def _embed_remote(args: argparse.Namespace, options: EmbedJobOptions) -> JobSumm
     from service.jobs.embed_dir import run_embed_job
 
     batch_size = args.batch_size or 32
+    if args.wait < 0:
+        raise UsageError(f"--wait {args.wait:g}: give a number of seconds >= 0")
+    # Waits for SERVING, and resumes after the server drains or restarts, up to --wait each time (then exit 3).
     with RemoteEmbedder(
-        args.server, batch_size=batch_size, token=token(args), store=args.store, collection=args.collection
+        args.server,
+        batch_size=batch_size,
+        **connection(args),
+        store=args.store,
+        collection=args.collection,
+        wait=args.wait,
+        on_wait=wait_notice(args),
     ) as remote:
         _describe(remote.info, batch_size, args.quiet, f" at {args.server}")
         return run_embed_job(remote, options)
+
+
+def _embed_ray(args: argparse.Namespace, options: EmbedJobOptions) -> JobSummary:
+    try:
+        from service.jobs import ray_job
+    except ImportError as e:
+        raise UsageError(f"--ray needs Ray ({e}): pip install 'embedserve[ray]'") from e
+    from service.jobs.embed_dir import run_embed_job
+
+    address = args.ray if args.ray != "auto" else os.environ.get("RAY_ADDRESS") or ray_job.LOCAL
+    factory: ray_job.EngineFactory | ray_job.ServerFactory
+    if args.server:
+        if args.wait < 0:
+            raise UsageError(f"--wait {args.wait:g}: give a number of seconds >= 0")
+        batch_size = args.batch_size or 32
+        client = {"batch_size": batch_size, **connection(args), "store": args.store, "collection": args.collection}
+        factory = ray_job.ServerFactory(target=args.server, client_options=client | {"wait": args.wait})
+        where = f" at {args.server}"
+    else:
+        cfg = load(args, engine_overrides(args))
+        factory, batch_size, where = ray_job.EngineFactory(cfg=cfg), cfg.engine.batch_size, ""
+    ray_options = ray_job.RayJobOptions(address=address)
+    with ray_job.ray_session(ray_options):
+        embedder = ray_job.RayEmbedder.create(factory, ray_options, batch_size=batch_size)
+        plan = embedder.plan
+        _describe(embedder.info, batch_size, args.quiet, f"{where}; Ray: {plan.actors} actors x {plan.num_cpus} CPUs")
+        summary = run_embed_job(embedder, options)
+    if not args.quiet:
+        nodes = ", ".join(f"{node[:8]}: {count}" for node, count in sorted(embedder.images_by_node.items()))
+        print(f"images embedded per Ray node: {nodes or 'none'}", file=sys.stderr)
+    return summary
 
 
 def cmd_export_backbone(args: argparse.Namespace) -> int:

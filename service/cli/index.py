@@ -15,7 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from service.cli.common import EXIT_OK, UsageError, token
+from service.cli.common import (
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    add_tls_flags,
+    add_wait_flag,
+    connection,
+    wait_for_server,
+)
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -32,6 +42,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     neighbors.add_argument("--filter", default="", help="attribute filter, e.g. 'label == DME and patient != 123'")
     neighbors.add_argument("--include-self", action="store_true", help="with --key, keep the item itself")
     neighbors.add_argument("--token", help="bearer token (or EMBEDSERVE_TOKEN)")
+    add_tls_flags(neighbors)
+    add_wait_flag(neighbors)
     neighbors.set_defaults(func=cmd_neighbors)
 
     export = sub.add_parser(
@@ -41,12 +53,20 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     export.add_argument("--collection", default="", help="collection (default: default)")
     export.add_argument("--out", required=True, help="Parquet file to write (replaced atomically)")
     export.add_argument("--token", help="bearer token (or EMBEDSERVE_TOKEN)")
+    add_tls_flags(export)
+    add_wait_flag(export)
     export.set_defaults(func=cmd_export)
+
+
+_QUERY_EXIT = {5: EXIT_NOT_FOUND, 3: EXIT_FAILED}
+"""Exit code of a failed query by its google.rpc code: NOT_FOUND (an unknown key), INVALID_ARGUMENT (a bad image)."""
 
 
 def cmd_neighbors(args: argparse.Namespace) -> int:
     from service.client import EmbedClient, NeighborQuery
 
+    if args.k < 1:
+        raise UsageError(f"-k {args.k}: ask for at least 1 neighbour")
     if args.image is not None:
         try:
             query = NeighborQuery(image=Path(args.image).read_bytes())
@@ -54,7 +74,8 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot read {args.image}: {e.strerror or e}") from e
     else:
         query = NeighborQuery(key=args.key)
-    with EmbedClient(args.server, token=token(args)) as client:
+    with EmbedClient(args.server, **connection(args)) as client:
+        wait_for_server(client, args)
         info = client.collection_info(args.collection)
         result = client.neighbors(
             [query],
@@ -64,7 +85,8 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
             exclude_self=args.key is not None and not args.include_self,
         )[0]
     if result.error is not None:
-        raise UsageError(f"{result.error.reason}: {result.error.message}")
+        print(f"embedserve: error: {result.error.reason}: {result.error.message}", file=sys.stderr)
+        return _QUERY_EXIT.get(result.error.code, EXIT_USAGE)
     what = f"key {args.key}" if args.key is not None else f"image {args.image}"
     direction = "higher is closer" if info.metric == "cosine" else "squared distance, lower is closer"
     print(
@@ -88,7 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".parquet":
         raise UsageError(f"--out {out} should end in .parquet")
-    with EmbedClient(args.server, token=token(args)) as client:
+    with EmbedClient(args.server, **connection(args)) as client:
+        wait_for_server(client, args)
         info = client.collection_info(args.collection)
         model = dataclasses.replace(client.model_info(), embedding_dim=info.dim)
         schema = schema_for(model)

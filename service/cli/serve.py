@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from service.cli.common import add_engine_flags, engine_overrides, load
@@ -22,7 +23,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.api.clusterer import SERVICE_NAME as CLUSTER_SERVICE
     from service.api.clusterer import add_clusterer
+    from service.api.errors import RequestIdFilter
     from service.api.server import run_server
+
+    for handler in logging.getLogger().handlers:  # every line logged while handling a call names its request
+        handler.addFilter(RequestIdFilter())
 
     overrides = engine_overrides(args) | {
         "server.host": args.host,

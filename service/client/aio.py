@@ -7,7 +7,7 @@ async with AsyncEmbedClient("127.0.0.1:50051") as client:
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from typing import TypeVar
+from typing import TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,9 +16,9 @@ from service.client import calls
 from service.client.calls import ImageInput
 from service.client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    auth_metadata,
+    ChannelArgs,
     call_unary_async,
-    open_aio_channel,
+    connect,
     remote_error,
 )
 from service.types import CollectionInfo, EmbedResult, ModelInfo, NeighborQuery, QueryNeighbors, VectorDType
@@ -31,23 +31,12 @@ R = TypeVar("R")
 class AsyncEmbedClient:
     """asyncio client; the same methods as `EmbedClient`, awaited."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        timeout: float | None = 300.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        self.channel = open_aio_channel(
-            target, tls=tls, root_certificates=root_certificates, max_message_bytes=max_message_bytes
+    def __init__(self, target: str, **options: Unpack[ChannelArgs]) -> None:
+        self.channel, self.metadata, self.timeout = connect(
+            target, options, timeout=300.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, aio=True
         )
         self.stub = pb_grpc.EmbedderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = auth_metadata(token)
-        self.timeout = timeout
 
     async def _run(self, call: calls.Call[R], timeout: float | None) -> R:
         method = getattr(self.stub, call.method)

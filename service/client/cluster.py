@@ -5,21 +5,31 @@ with ClusterClient("host:port", token=...) as client:
     clustering.result.labels, clustering.result.metrics["accuracy"], clustering.keys
     probe = client.probe("oct", "label", group_attribute="patient")        # ProbeResult
     removal = client.filter("oct", example_keys=["a.jpeg", "b.jpeg"])      # FilterResult
+    odd = client.outliers("oct", top=10)                                    # OutlierResult
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
-from service.client.channel import auth_metadata, call_unary, open_channel
+from service.client.channel import (
+    ChannelArgs,
+    WaitNotice,
+    call_unary,
+    connect,
+    wait_for_serving,
+)
 from service.types import (
     Classifier,
     Clustering,
     ClusterParams,
     ClusterQuery,
+    FilterMethod,
     FilterQuery,
     FilterResult,
+    OutlierQuery,
+    OutlierResult,
     ProbeQuery,
     ProbeResult,
 )
@@ -34,22 +44,15 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 class ClusterClient:
     """`ClusterClient("host:port", token=...)`; each call raises `RemoteError` with the server's status."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        timeout: float | None = 600.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        self.channel = open_channel(
-            target, tls=tls, root_certificates=root_certificates, max_message_bytes=max_message_bytes
+    def __init__(self, target: str, **options: Unpack[ChannelArgs]) -> None:
+        self.channel, self.metadata, self.timeout = connect(
+            target, options, timeout=600.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES
         )
         self.stub = cpb_grpc.ClustererStub(self.channel)
-        self.metadata = auth_metadata(token)
-        self.timeout = timeout
+
+    def wait_until_serving(self, timeout: float = 120.0, *, on_wait: WaitNotice | None = None) -> None:
+        """Block until health says SERVING; see `EmbedClient.wait_until_serving`."""
+        wait_for_serving(self.channel, timeout=timeout, metadata=self.metadata, on_wait=on_wait)
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         return call_unary(method, request, timeout=timeout or self.timeout, metadata=self.metadata)
@@ -124,11 +127,12 @@ class ClusterClient:
         max_distance: float | None = None,
         unwanted_attribute: str = "",
         unwanted_values: Sequence[str] = (),
+        method: FilterMethod = "auto",
         timeout: float | None = None,
     ) -> FilterResult:
         """The keys to remove and keep: those near `example_keys`, or (`by_cluster` / `cluster_ids`) whole clusters
         of a clustering with `params`; scored when `unwanted_attribute` / `unwanted_values` mark the truly
-        unwanted items."""
+        unwanted items. `method` auto chooses from the data (the reason is in the result's `reason`)."""
         query = FilterQuery(
             collection=collection,
             keys=list(keys),
@@ -139,9 +143,25 @@ class ClusterClient:
             max_distance=max_distance,
             unwanted_attribute=unwanted_attribute,
             unwanted_values=list(unwanted_values),
+            method=method,
         )
         response = self._call(self.stub.Filter, convert.filter_query_to_proto(query), timeout)
         return convert.filter_result_from_proto(response)
+
+    def outliers(
+        self,
+        collection: str,
+        *,
+        keys: Sequence[str] = (),
+        k: int | None = None,
+        top: int = 0,
+        timeout: float | None = None,
+    ) -> OutlierResult:
+        """The items of `collection` (or `keys`) ranked most unusual first: distance to the k-th neighbour and LOF
+        (`k` None: automatic; `top` 0: every item)."""
+        query = OutlierQuery(collection=collection, keys=list(keys), k=k, top=top)
+        response = self._call(self.stub.Outliers, convert.outlier_query_to_proto(query), timeout)
+        return convert.outlier_result_from_proto(response)
 
     def close(self) -> None:
         self.channel.close()

@@ -14,7 +14,7 @@ Failed calls raise `RemoteError` (with the gRPC status code); failed images come
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,11 +23,13 @@ from service.client import calls
 from service.client.calls import ImageInput
 from service.client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    ChannelArgs,
     RemoteError,
-    auth_metadata,
+    WaitNotice,
     call_unary,
-    open_channel,
+    connect,
     remote_error,
+    wait_for_serving,
 )
 from service.types import (
     CollectionInfo,
@@ -41,29 +43,24 @@ from service.types import (
 from service.wire import convert
 from service.wire._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc
 
+__all__ = ["EmbedClient", "RemoteError"]
+
 R = TypeVar("R")
 
 
 class EmbedClient:
-    """Blocking client. `tls=True` (with optional `root_certificates` PEM) for a TLS server; `token` for auth."""
+    """Blocking client. `tls=True` (with optional `root_certificates` PEM) for a TLS server; `token` for auth.
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        timeout: float | None = 300.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        self.channel = open_channel(
-            target, tls=tls, root_certificates=root_certificates, max_message_bytes=max_message_bytes
+    Calls refused as busy (RESOURCE_EXHAUSTED) or unavailable (draining, restarting) are retried per
+    `service.client.channel.RETRY_POLICY`, with jittered backoff; `retries=False` hands every refusal to the caller.
+    """
+
+    def __init__(self, target: str, **options: Unpack[ChannelArgs]) -> None:
+        self.channel, self.metadata, self.timeout = connect(
+            target, options, timeout=300.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES
         )
         self.stub = pb_grpc.EmbedderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = auth_metadata(token)
-        self.timeout = timeout
 
     def _run(self, call: calls.Call[R], timeout: float | None) -> R:
         method = getattr(self.stub, call.method)
@@ -179,17 +176,13 @@ class EmbedClient:
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         return name
 
-    def wait_until_serving(self, timeout: float = 120.0) -> None:
-        """Block until health says SERVING (the server may still be warming up)."""
-        try:
-            response = self.health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self.metadata)
-            for status in response:
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    response.cancel()
-                    return
-        except grpc.RpcError as e:
-            raise remote_error(e) from e
-        raise RemoteError(grpc.StatusCode.UNAVAILABLE, "health stream ended before SERVING")
+    def wait_until_serving(self, timeout: float = 120.0, *, on_wait: WaitNotice | None = None) -> None:
+        """Block until health says SERVING (the server may be starting, loading its model or restarting).
+
+        Polls with backoff and jitter for at most `timeout` seconds; `on_wait(reason)` is called once if it has to
+        wait. Raises `RemoteError` (UNAVAILABLE) when the server is not SERVING in time.
+        """
+        wait_for_serving(self.channel, timeout=timeout, metadata=self.metadata, on_wait=on_wait)
 
     def close(self) -> None:
         self.channel.close()

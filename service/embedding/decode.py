@@ -34,6 +34,7 @@ import io
 import logging
 import math
 import os
+import queue
 import struct
 import threading
 import time
@@ -41,7 +42,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import simplejpeg
@@ -384,7 +385,13 @@ class PillowDecoder(_ProbingDecoder):
 
 
 class TorchvisionDecoder(_ProbingDecoder):
-    """torchvision.io's batched nvJPEG on CUDA; every other image (and every image on the CPU) takes the strict path."""
+    """torchvision.io's batched nvJPEG on CUDA; every other image (and every image on the CPU) takes the strict path.
+
+    Only the JPEGs of a batch go to nvJPEG (in one call); PNGs and the rest take the strict CPU path beside them.
+    Before each nvJPEG call the caller's stream is synchronised: torchvision allocates the outputs on the caller's
+    stream but decodes on a private one that does not wait for it (pytorch/vision#9606), so memory that queued
+    kernels still read could otherwise be overwritten.
+    """
 
     name = "torchvision"
 
@@ -395,20 +402,29 @@ class TorchvisionDecoder(_ProbingDecoder):
         # torchvision 0.29 deprecates its decoders (for TorchCodec) and warns on every call; they work and are tested.
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
-        self._io = tvio
+        self._io: Any = tvio
+        self._on_gpu = device.type == "cuda"
 
     def _takes(self, header: ImageHeader) -> bool:
         # Only JPEGs on a GPU (nvJPEG). torchvision's CPU PNG decoder crashes the process (SIGSEGV, torchvision
         # 0.29) on PNGs whose compressed data is corrupt, and its CPU JPEG decoder accepts truncated data.
-        return header.fast_path_ok and header.format == "JPEG" and self.device.type == "cuda"
+        return header.fast_path_ok and header.format == "JPEG" and self._on_gpu
 
     def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
         tvio = self._io
         encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        if self.device.type == "cuda" and all(d[:2] == b"\xff\xd8" for d in datas):
-            decoded = tvio.decode_jpeg(encoded, mode=tvio.ImageReadMode.UNCHANGED, device=self.device)
-            return [_drop_alpha(t) for t in decoded]
-        return [_drop_alpha(tvio.decode_image(e, mode=tvio.ImageReadMode.UNCHANGED)).to(self.device) for e in encoded]
+        if not self._on_gpu:  # only the start-up check (`_checked`) gets here: `_takes` sends nothing on the CPU
+            return [_drop_alpha(tvio.decode_image(e, mode=tvio.ImageReadMode.UNCHANGED)) for e in encoded]
+        if not all(d[:2] == b"\xff\xd8" for d in datas):
+            raise ValueError("not a JPEG")  # `_takes` lets only JPEGs through; isolation names the odd one
+        _sync_before_gpu_decode(self.device)
+        decoded = tvio.decode_jpeg(encoded, mode=tvio.ImageReadMode.UNCHANGED, device=self.device)
+        return [_drop_alpha(t) for t in decoded]
+
+
+def _sync_before_gpu_decode(device: torch.device) -> None:
+    """Wait for the work queued on `device`'s current stream (the vision#9606 workaround)."""
+    torch.cuda.current_stream(device).synchronize()
 
 
 def _drop_alpha(t: torch.Tensor) -> torch.Tensor:
@@ -420,41 +436,99 @@ def _drop_alpha(t: torch.Tensor) -> torch.Tensor:
 
 
 class DaliDecoder(_ProbingDecoder):
-    """NVIDIA DALI's image decoder: `mixed` (nvJPEG, hardware decoder where present) on CUDA, CPU otherwise."""
+    """NVIDIA DALI's image decoder: `mixed` (nvJPEG, hardware decoder where present) on CUDA, CPU otherwise.
+
+    A DALI pipeline's external source is a FIFO: two threads that each `feed_input` then `run` the same pipeline
+    can get each other's images (or a batch of the wrong size). So each pipeline is used by one thread at a time:
+    a call takes an idle pipeline from a small pool (building one, up to `pipelines`, when none is idle) and holds
+    it through feed, run and copy-out. EXIF orientation is ignored (`adjust_orientation=False`), as Pillow and
+    torchvision do. On CUDA the outputs come back on the caller's current stream, without a host wait.
+    """
 
     name = "dali"
 
-    def __init__(self, cfg: DecodeConfig, device: torch.device, executor: ThreadPoolExecutor, max_batch: int) -> None:
+    def __init__(
+        self,
+        cfg: DecodeConfig,
+        device: torch.device,
+        executor: ThreadPoolExecutor,
+        max_batch: int,
+        *,
+        pipelines: int = 2,
+    ) -> None:
         super().__init__(cfg, device, executor)
         from nvidia.dali import fn, pipeline_def, types
 
         self.max_batch = max_batch
-        on_gpu = device.type == "cuda"
-        device_id = (device.index or 0) if on_gpu else None
+        self._on_gpu = device.type == "cuda"
+        device_id = None
+        if self._on_gpu:
+            device_id = device.index if device.index is not None else torch.cuda.current_device()
         threads = max(1, cfg.workers or os.cpu_count() or 1)
+        on_gpu = self._on_gpu
 
         @pipeline_def(batch_size=max_batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=1)
         def pipeline():  # type: ignore[no-untyped-def]
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, no_copy=False)
-            return fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+            return fn.decoders.image(
+                encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+            )
 
-        self._pipe = pipeline()
-        self._pipe.build()
+        def build() -> object:
+            pipe = pipeline()
+            pipe.build()
+            return pipe
+
+        self._build = build
+        self._max_pipelines = max(1, pipelines)
+        self._idle: queue.LifoQueue[object] = queue.LifoQueue()
+        self._built = 0
+        self._pool_lock = threading.Lock()
+        self._idle.put(build())  # the first one now, so that a broken DALI fails at start
+        self._built = 1
+
+    def _acquire(self) -> object:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._pool_lock:
+            grow = self._built < self._max_pipelines
+            if grow:
+                self._built += 1
+        if grow:
+            try:
+                return self._build()
+            except BaseException:
+                with self._pool_lock:
+                    self._built -= 1
+                raise
+        return self._idle.get()
 
     def _decode_batch(self, datas: list[bytes]) -> list[torch.Tensor]:
-        self._pipe.feed_input("encoded", [np.frombuffer(d, dtype=np.uint8) for d in datas])
-        (out,) = self._pipe.run()
+        pipe: Any = self._acquire()
+        try:
+            return self._run(pipe, datas)
+        finally:
+            self._idle.put(pipe)
+
+    def _run(self, pipe: Any, datas: list[bytes]) -> list[torch.Tensor]:
+        encoded = [np.frombuffer(d, dtype=np.uint8) for d in datas]
+        if not self._on_gpu:
+            (out,) = pipe.run(encoded=encoded)
+            return [torch.from_numpy(np.array(out[i])).permute(2, 0, 1).contiguous() for i in range(len(datas))]
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        stream = torch.cuda.current_stream(self.device)
+        (out,) = pipe.run(stream, encoded=encoded)  # outputs ordered on `stream`: no host synchronisation
         tensors: list[torch.Tensor] = []
         for i in range(len(datas)):
             sample = out[i]
-            if self.device.type == "cuda":
-                from nvidia.dali.plugin.pytorch import feed_ndarray
-
-                hwc = torch.empty(tuple(sample.shape()), dtype=torch.uint8, device=self.device)
-                feed_ndarray(sample, hwc, cuda_stream=torch.cuda.current_stream(self.device))
-            else:
-                hwc = torch.from_numpy(np.array(sample))
+            hwc = torch.empty(tuple(sample.shape()), dtype=torch.uint8, device=self.device)
+            feed_ndarray(sample, hwc, cuda_stream=stream)
             tensors.append(hwc.permute(2, 0, 1).contiguous())
+        if len(tensors) != len(datas):
+            raise RuntimeError(f"DALI returned {len(tensors)} images for {len(datas)}")
         return tensors
 
 

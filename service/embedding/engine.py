@@ -12,8 +12,9 @@ Two stages, so callers can overlap them:
 
 from __future__ import annotations
 
+import gc
 import logging
-import os
+import struct
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,10 +28,12 @@ import service
 from kernels.normalize import l2_normalize
 from kernels.preprocess import preprocess_batch
 from service.config import Config
-from service.embedding.backbone import Backbone
-from service.embedding.decode import DecodeOutcome, Decoder, create_decoder, image_error
+from service.embedding.backbone import Backbone, resolve_device
+from service.embedding.decode import DecodeOutcome, Decoder, create_decoder, image_error, probe
 from service.embedding.faults import is_fatal
-from service.embedding.formats import sniff_format
+from service.embedding.formats import jpeg_frame, sniff_format
+from service.embedding.memory import malloc_trim
+from service.embedding.runtimes import cache_root, plan_threads, resolve_runtime
 from service.errors import ImageError
 from service.types import Embedded, EmbedOutcome, ItemT, ModelInfo, load_item
 
@@ -48,6 +51,32 @@ class PreparedBatch:
     """Input positions of the rows of `batch`."""
     errors: dict[int, ImageError]
     """Input position -> error, for the images that failed."""
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def header_pixels(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> int:
+    """Width x height that `data` announces, without decoding it: what the image will cost in memory.
+
+    0 for bytes that will fail before any pixel is decoded (no readable header, a format not in `formats`, more
+    than `max_pixels`). JPEG and PNG headers are read directly (a few microseconds, safe on the event loop);
+    other formats through Pillow's header parser (`decode.probe`, tens of microseconds).
+    """
+    size: tuple[int, int] | None = None
+    if data[:3] == b"\xff\xd8\xff":
+        frame = jpeg_frame(data)
+        size = (frame.width, frame.height) if frame is not None else None
+    elif data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        size = struct.unpack_from(">II", data, 16)
+    if size is None:
+        try:
+            header = probe(data, max_pixels, formats)
+        except ImageError:
+            return 0
+        size = (header.width, header.height)
+    pixels = size[0] * size[1]
+    return pixels if pixels <= max_pixels else 0
 
 
 class Engine:
@@ -75,12 +104,23 @@ class Engine:
             resize=cfg.decode.resize,
             pad=cfg.decode.pad,
             version=service.__version__,
+            runtime=backbone.runtime_name,
         )
 
     @classmethod
     def from_config(cls, cfg: Config) -> Engine:
         """Build the backbone and the decode backend the config asks for, and warm the model up."""
         b = cfg.backbone
+        device = resolve_device(b.device)
+        runtime = resolve_runtime(b.runtime, device)
+        plan = plan_threads(
+            budget=cfg.engine.cpu_threads,
+            decode_workers=cfg.decode.workers,
+            inference_threads=b.threads,
+            streams=b.streams,
+            runtime=runtime,
+            device=device,
+        )
         backbone = Backbone.create(
             b.model,
             device=b.device,
@@ -88,8 +128,16 @@ class Engine:
             channels_last=b.channels_last,
             input_size=b.input_size,
             optimize=b.optimize,
+            runtime=runtime,
+            cpu_precision=b.cpu_precision,
+            threads=plan.inference_threads,
+            streams=plan.streams,
+            cache_dir=cache_root(cfg.data_dir),
         )
-        workers = cfg.decode.workers or os.cpu_count() or 1
+        if device.type == "cpu" and runtime != "torch":
+            torch.set_num_threads(1)  # torch only preprocesses here: its threads would compete with inference
+        logger.info("thread plan: %s; runtime %s", plan, backbone.runtime.describe())
+        workers = plan.decode_workers
         decode_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedserve-decode")
         decoder = create_decoder(cfg.decode, backbone.device, decode_pool, max_batch=cfg.engine.batch_size)
         if b.warmup:
@@ -136,6 +184,19 @@ class Engine:
                 std=spec.std,
             )
         return PreparedBatch(size=len(datas), batch=batch, ok_positions=positions, errors=errors)
+
+    def pixels(self, data: bytes) -> int:
+        """Decoded pixels of one encoded image, from its header (0 when it will fail before decoding); the
+        batcher's `max_batch_pixels` budget counts these."""
+        return header_pixels(data, self.cfg.decode.max_pixels, self.cfg.decode.formats)
+
+    def release_memory(self) -> None:
+        """Give back what is cached after running out of memory: unreachable objects, the CUDA caching
+        allocator's free blocks, glibc's free heap pages."""
+        gc.collect()
+        if self.backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+        malloc_trim()
 
     def _decode(self, datas: list[bytes]) -> list[DecodeOutcome]:
         """The decoder's outcomes; should it raise all the same (a bug), each image is decoded alone, so the
@@ -222,9 +283,10 @@ class Engine:
         return self.prepare([load_item(item) for item in chunk])
 
     def close(self) -> None:
-        """Stop the decode workers."""
+        """Stop the decode workers and release the backbone's runtime (the engine cannot embed afterwards)."""
         self._prepare_pool.shutdown(wait=True, cancel_futures=True)
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self.backbone.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -38,3 +38,33 @@ def is_fatal(error: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+# CPU allocators say it in words of their own: torch's DefaultCPUAllocator, C++ std::bad_alloc, OpenVINO, libc.
+_OUT_OF_MEMORY_PHRASES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "not enough memory",
+    "bad_alloc",
+    "failed to allocate",
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True when `error` (or an exception it was raised from) is an allocation failure that a smaller batch avoids.
+
+    `MemoryError`, torch's `OutOfMemoryError` (CUDA) and the `RuntimeError`s of the CPU allocators all count; none
+    of them is fatal (`is_fatal` says False), so the batcher splits the batch and tries again.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
+            return True
+        text = str(current).lower()
+        if any(p in text for p in _OUT_OF_MEMORY_PHRASES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -18,8 +20,7 @@ import faiss
 import numpy as np
 
 from service.config import IndexConfig
-from service.devices import cuda_available
-from service.errors import ConfigError
+from service.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +105,43 @@ class FaissExact:
         return None
 
 
-class FaissGpuExact(FaissExact):
-    """Brute force with faiss-gpu (`faiss.knn_gpu`), for builds of faiss with GPU support."""
+class _DeviceMirror:
+    """One device copy of each database (by cache key), re-uploaded only when its version or row count changes.
 
-    name = "faiss-gpu"
+    On the CPU the "copy" is a view of the numpy array (no data is copied).
 
-    def __init__(self, device: int = 0) -> None:
+        Thread-safe: index threads share it, and a search holds the tensor it got even if a newer version replaces it.
+    """
+
+    def __init__(self, device: Any) -> None:
         self.device = device
-        self.resources = faiss.StandardGpuResources()
+        self._copies: dict[str, tuple[int, Any]] = {}
+        self._lock = threading.Lock()
 
-    def _knn(
-        self, queries: np.ndarray, base: np.ndarray, k: int, metric: SearchMetric
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return faiss.knn_gpu(self.resources, queries, base, k, metric=_faiss_metric(metric), device=self.device)
+    def get(self, database: np.ndarray, cache_key: str, version: int) -> Any:
+        import torch
+
+        with self._lock:
+            cached = self._copies.get(cache_key)
+            if cached is None or cached[0] != version or cached[1].shape[0] != database.shape[0]:
+                cached = (version, torch.from_numpy(np.ascontiguousarray(database)).to(self.device))
+                self._copies[cache_key] = cached
+            return cached[1]
+
+    def evict(self, cache_key: str) -> None:
+        with self._lock:
+            self._copies.pop(cache_key, None)
+
+
+def _subset(base: Any, rows: np.ndarray | None) -> Any:
+    import torch
+
+    return base if rows is None else base[torch.from_numpy(rows).to(base.device)]
+
+
+def _to_positions(found: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    found = found.astype(np.int64, copy=False)
+    return found if rows is None else np.where(found >= 0, rows[np.maximum(found, 0)], -1)
 
 
 class TorchExact:
@@ -125,12 +150,12 @@ class TorchExact:
     On CUDA the database is mirrored on the device and re-uploaded only when its version changes.
     """
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, *, mirror: _DeviceMirror | None = None) -> None:
         import torch
 
         self.device = torch.device(device)
         self.name = f"torch-{self.device.type}"
-        self._mirrors: dict[str, tuple[int, Any]] = {}
+        self._mirror = mirror or _DeviceMirror(self.device)
 
     def search(
         self,
@@ -147,44 +172,114 @@ class TorchExact:
 
         from kernels.topk import search_topk
 
-        if self.device.type == "cpu":
-            base = torch.from_numpy(database)
-        else:
-            cached = self._mirrors.get(cache_key)
-            if cached is None or cached[0] != version or cached[1].shape[0] != database.shape[0]:
-                cached = (version, torch.from_numpy(database).to(self.device))
-                self._mirrors[cache_key] = cached
-            base = cached[1]
-        if rows is not None:
-            base = base[torch.from_numpy(rows).to(self.device)]
+        base = _subset(self._mirror.get(database, cache_key, version), rows)
         if base.shape[0] == 0:
             return _pad(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k, metric)
         q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device)
         scores_t, found_t = search_topk(q, base, k, metric)
-        scores, found = scores_t.cpu().numpy(), found_t.cpu().numpy().astype(np.int64, copy=False)
-        if rows is not None:
-            found = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
-        return scores, found
+        return scores_t.cpu().numpy(), _to_positions(found_t.cpu().numpy(), rows)
 
     def evict(self, cache_key: str) -> None:
-        self._mirrors.pop(cache_key, None)
+        self._mirror.evict(cache_key)
+
+
+GPU_MAX_SELECTION_K = 2048
+"""Largest k faiss-gpu selects (`GPU_MAX_SELECTION_K`); above it `runDistance` fails a `FAISS_ASSERT`, which calls
+`abort()` and kills the process, so larger k goes to the torch top-k."""
+
+
+class GpuKnn(Protocol):
+    """(resources, queries, database, k) -> (scores, positions), all device tensors (`faiss.knn_gpu`'s shape)."""
+
+    def __call__(
+        self, resources: Any, queries: Any, base: Any, k: int, *, metric: SearchMetric, device: int
+    ) -> tuple[Any, Any]: ...
+
+
+def _faiss_knn_gpu(
+    resources: Any, queries: Any, base: Any, k: int, *, metric: SearchMetric, device: int
+) -> tuple[Any, Any]:
+    """`faiss.knn_gpu` on device tensors (no host copy of the database), on torch's current stream of `device`."""
+    import faiss.contrib.torch_utils  # lets faiss.knn_gpu take torch tensors
+    import torch
+
+    with torch.cuda.device(device):
+        return faiss.knn_gpu(resources, queries, base, k, metric=_faiss_metric(metric), device=device)
+
+
+class FaissGpuExact:
+    """Brute force with faiss-gpu (`knn_gpu`) on a resident device copy of each collection, for faiss GPU builds.
+
+    The database stays on the GPU between searches (a numpy database would be copied to the device on every call);
+    k above `GPU_MAX_SELECTION_K` goes to `TorchExact` on the same copy. faiss's GPU resources are not thread-safe
+    (and a search re-points their stream at torch's), so one lock serialises the searches of the index threads: one
+    GPU runs one brute-force search at a time anyway.
+    """
+
+    name = "faiss-gpu"
+
+    def __init__(
+        self,
+        device: int | str = 0,
+        *,
+        knn: GpuKnn = _faiss_knn_gpu,
+        resources: Callable[[], Any] | None = None,
+    ) -> None:
+        import torch
+
+        self.device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        self.device_index = self.device.index if self.device.index is not None else 0
+        self._knn = knn
+        self._resources = (resources or faiss.StandardGpuResources)()
+        self._lock = threading.Lock()
+        self._mirror = _DeviceMirror(self.device)
+        self.fallback = TorchExact(str(self.device), mirror=self._mirror)
+        """Where k > GPU_MAX_SELECTION_K goes (the same device copy)."""
+
+    def search(
+        self,
+        database: np.ndarray,
+        queries: np.ndarray,
+        k: int,
+        *,
+        metric: SearchMetric,
+        rows: np.ndarray | None = None,
+        cache_key: str = "",
+        version: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        if k > GPU_MAX_SELECTION_K:
+            return self.fallback.search(
+                database, queries, k, metric=metric, rows=rows, cache_key=cache_key, version=version
+            )
+        base = _subset(self._mirror.get(database, cache_key, version), rows)
+        kk = min(k, base.shape[0])
+        if kk == 0:
+            return _pad(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k, metric)
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        with self._lock:
+            scores_t, found_t = self._knn(
+                self._resources, q, base.contiguous(), kk, metric=metric, device=self.device_index
+            )
+            scores, found = scores_t.cpu().numpy(), found_t.cpu().numpy()
+        return _pad(scores.astype(np.float32, copy=False), _to_positions(found, rows), k, metric)
+
+    def evict(self, cache_key: str) -> None:
+        self._mirror.evict(cache_key)
 
 
 def make_exact_searcher(cfg: IndexConfig) -> ExactSearcher:
     """The exact backend for `index.device` and `index.exact_backend` (see `IndexConfig`)."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if cuda_available() else "cpu"
-    elif device == "cuda" and not cuda_available():
-        raise ConfigError("index.device=cuda but no CUDA GPU is visible to torch; use index.device=cpu or auto")
+    device = str(resolve_device(cfg.device, what="index.device"))
     if device == "cpu":
         return TorchExact("cpu") if cfg.exact_backend == "torch" else FaissExact()
     gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if cfg.exact_backend in ("auto", "faiss") and gpu_faiss:
-        return FaissGpuExact()
+        return FaissGpuExact(device)
     if cfg.exact_backend == "faiss":
         logger.warning("index.exact_backend=faiss but this faiss has no GPU support; searching with torch on CUDA")
-    return TorchExact("cuda")
+    return TorchExact(device)
 
 
 # -- approximate indexes -------------------------------------------------------------------------------------------

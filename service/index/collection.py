@@ -45,6 +45,10 @@ INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 METRICS = ("cosine", "l2")
 _UNIT_TOLERANCE = 1e-5
 """Cosine vectors whose norm is this close to 1 are stored as given (bit-identical to what the caller sent)."""
+_FLOAT32_SAFE_NORM = 1e-18
+"""Below this float32 norm, squares of the components may have underflowed: the norm is taken again in float64."""
+_L2_MAX_NORM = 1e18
+"""Largest vector norm an l2 collection takes: squared distances of such vectors still fit in float32 (3.4e38)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -186,16 +190,31 @@ class Collection:
             )
         if not np.isfinite(array).all():
             raise InvalidIndexRequestError("vectors must be finite (no NaN or infinity)")
-        if self.spec.metric == "cosine" and len(array):
+        if not len(array):
+            return np.ascontiguousarray(array)
+        # In float32 the sum of squares of 1e20s overflows to inf and that of 1e-30s underflows to 0: such rows take
+        # float64 norms, where every finite, non-zero float32 row has a finite, non-zero norm. The other rows keep the
+        # float32 arithmetic, so that what is stored stays bit-identical to what earlier versions stored.
+        with np.errstate(over="ignore", under="ignore"):
             norms = np.linalg.norm(array, axis=1)
-            if (norms == 0).any():
+        extreme = ~np.isfinite(norms) | (norms < _FLOAT32_SAFE_NORM)
+        wide = np.linalg.norm(array[extreme].astype(np.float64), axis=1)
+        if not np.isfinite(wide).all():
+            raise InvalidIndexRequestError("a vector's norm is not finite; scale the vectors down")
+        if self.spec.metric == "cosine":
+            if (wide == 0).any():
                 raise InvalidIndexRequestError(
                     "a zero vector has no direction; it cannot be stored or searched by cosine"
                 )
             off = np.abs(norms - 1.0) > _UNIT_TOLERANCE
             if off.any():
                 array = array.copy()
-                array[off] /= norms[off, None]
+                array[off & ~extreme] /= norms[off & ~extreme, None]
+                array[extreme] = (array[extreme].astype(np.float64) / wide[:, None]).astype(np.float32)
+        elif (norms > _L2_MAX_NORM).any():
+            raise InvalidIndexRequestError(
+                f"a vector's norm exceeds {_L2_MAX_NORM:.0e}: l2 distances would overflow float32; scale the vectors"
+            )
         return np.ascontiguousarray(array)
 
     def _check_open(self) -> None:

@@ -67,6 +67,8 @@ def search_rows(
             )
     else:
         scores, found = exact(rows, queries, kk, metric=metric, searcher=searcher, subset=subset, cache_key=cache_key)
+    if metric == "ip":  # unit vectors: a cosine; float32 rounding can put a self-match at 1.0000002
+        scores = np.clip(scores, -1.0, 1.0)
     results: list[list[Neighbor]] = []
     for i in range(len(queries)):
         skip = exclude[i] if exclude is not None else None

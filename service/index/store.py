@@ -61,6 +61,7 @@ from service.files import fsync_dir
 from service.index.backends import ExactSearcher, make_exact_searcher
 from service.index.collection import SPEC_NAME, Collection, CollectionSpec, check_collection_name
 from service.index.filter import Filter, parse_filter
+from service.index.snapshot import SNAPSHOT_NAME
 from service.types import CollectionInfo, FetchedItems, Neighbor
 
 __all__ = [
@@ -260,6 +261,21 @@ class IndexStore:
         """Items per collection (cheap; for metrics)."""
         with self._lock:
             return {name: c.count for name, c in self._collections.items()}
+
+    def log_stats(self) -> dict[str, tuple[int, float | None]]:
+        """Per collection: bytes of its write-ahead log since the last snapshot, and that snapshot's modification
+        time (`time.time()` scale; None before the first). Cheap; for metrics."""
+        with self._lock:
+            collections = list(self._collections.items())
+        stats: dict[str, tuple[int, float | None]] = {}
+        for name, c in collections:
+            wal = c.wal
+            try:
+                snapshot_at: float | None = (c.directory / SNAPSHOT_NAME).stat().st_mtime
+            except OSError:  # none written yet (or the collection was just dropped)
+                snapshot_at = None
+            stats[name] = (wal.bytes if wal is not None else 0, snapshot_at)
+        return stats
 
     # -- items ---------------------------------------------------------------------------------------------------
 

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tqdm import tqdm
-
 from service.errors import UnreadableImageError
+from service.jobs.attributes import AttributeRules
 from service.jobs.files import (
     JobError,
     PartWriter,
@@ -42,6 +41,7 @@ from service.jobs.files import (
     write_failures,
     write_parquet_atomic,
 )
+from service.jobs.progress import make_progress
 from service.types import Embedded, ModelInfo
 
 __all__ = [  # the job's files are defined in service.jobs.files; these names stay importable from here
@@ -84,7 +84,11 @@ class EmbedJobOptions:
     labels: bool = True
     """Fill `label` with the parent folder's name."""
     progress: bool = True
-    """Show a progress bar (only drawn on a terminal)."""
+    """Show progress: a bar on a terminal, else a plain line every `progress_seconds`."""
+    progress_seconds: float = 10.0
+    """Seconds between the plain progress lines written when stderr is not a terminal."""
+    attributes: AttributeRules | None = None
+    """Extra attributes for each image, from its key (stored with `--store`)."""
     part_rows: int = 2048
     """Flush a part file after this many rows..."""
     part_seconds: float = 60.0
@@ -116,6 +120,8 @@ class FileItem:
     key: str
     path: Path
     label: str | None
+    attributes: dict[str, str] = field(default_factory=dict)
+    """Extra attributes to store with the vector (`--attr`, `--attributes`); not written to the Parquet file."""
 
     def load(self) -> bytes:
         try:
@@ -124,9 +130,14 @@ class FileItem:
             raise UnreadableImageError(f"cannot read {self.key}: {e.strerror or e}") from e
 
 
-def find_images(root: Path, *, labels: bool = True) -> list[FileItem]:
-    """Image files under `root` (extensions case-insensitive), sorted by key, skipping hidden entries."""
-    return sorted(_walk(root, labels), key=lambda item: item.key)
+def find_images(root: Path, *, labels: bool = True, attributes: AttributeRules | None = None) -> list[FileItem]:
+    """Image files under `root` (extensions case-insensitive), sorted by key, skipping hidden entries; each with
+    the extra attributes `attributes` gives its key."""
+    items = sorted(_walk(root, labels), key=lambda item: item.key)
+    if attributes:
+        for item in items:
+            item.attributes = attributes.for_key(item.key)
+    return items
 
 
 def _walk(root: Path, labels: bool) -> Iterator[FileItem]:
@@ -156,14 +167,14 @@ def run_embed_job(engine: Embedder, options: EmbedJobOptions) -> JobSummary:
     start = time.monotonic()
     schema = schema_for(engine.info)
     done = done_keys(existing_files(out), schema)
-    items = find_images(root, labels=options.labels)
+    items = find_images(root, labels=options.labels, attributes=options.attributes)
     todo = [item for item in items if item.key not in done]
     summary = JobSummary(found=len(items), already_done=len(items) - len(todo), out=out)
     logger.info(
         "%d images under %s, %d already in %s, %d to embed", len(items), root, summary.already_done, out, len(todo)
     )
     writer = PartWriter(out, schema, engine.info.embedding_dim)
-    bar = tqdm(total=len(todo), unit="img", disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
+    bar = make_progress(len(todo), enabled=options.progress, every=options.progress_seconds)
     try:
         for result in engine.embed_iter(todo):
             if result.outcome.vector is not None:

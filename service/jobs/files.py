@@ -46,6 +46,9 @@ def failures_file(out: Path) -> Path:
     return out.with_name(out.name + ".failures.csv")
 
 
+_PROVENANCE_KEYS = frozenset({b"embedserve.version", b"embedserve.runtime", b"embedserve.precision"})
+
+
 def schema_for(info: ModelInfo) -> pa.Schema:
     """The Parquet schema of the job's output, with the model recorded in the metadata."""
     meta = {
@@ -54,6 +57,8 @@ def schema_for(info: ModelInfo) -> pa.Schema:
         b"embedserve.resize": info.resize.encode(),
         b"embedserve.pad": info.pad.encode(),
         b"embedserve.version": info.version.encode(),
+        b"embedserve.runtime": info.runtime.encode(),
+        b"embedserve.precision": info.precision.encode(),
     }
     return pa.schema(
         [
@@ -74,7 +79,9 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
 def _check_compatible(path: Path, schema: pa.Schema) -> None:
     existing = pq.read_schema(path).metadata or {}
     for key, value in (schema.metadata or {}).items():
-        if key == b"embedserve.version" or not key.startswith(_META_PREFIX):
+        # Version, runtime and precision are provenance: a resumed job may change them (bf16 and float32
+        # embeddings agree to cosine >= 0.995), each part file records its own.
+        if key in _PROVENANCE_KEYS or not key.startswith(_META_PREFIX):
             continue
         if existing.get(key) != value:
             theirs = existing.get(key, b"nothing").decode()

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from service.api.server import EmbedServer, ServingEngine, create_server
+from service.api.server import EmbedServer, ServicerHook, ServingEngine, create_server
 from service.config import Config, load_config
 from service.embedding.engine import Engine, PreparedBatch
 from service.errors import ImageError
@@ -28,6 +28,9 @@ T = TypeVar("T")
 # Small everything: this runs on a 2-core CPU where one image takes ~50-150 ms through the model.
 BASE_OVERRIDES: dict[str, Any] = {
     "server.port": 0,
+    # The float32 torch path, like tests/conftest.py's environment: these tests compare vectors to 1e-5.
+    "backbone.runtime": "torch",
+    "backbone.cpu_precision": "float32",
     "server.metrics_port": -1,
     "server.grace_seconds": 5.0,
     "engine.batch_size": 8,
@@ -98,13 +101,22 @@ class SpyEngine:
 class RunningServer:
     """A started `EmbedServer` on a private event loop thread."""
 
-    def __init__(self, cfg: Config, engine: ServingEngine) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        engine: ServingEngine,
+        *,
+        extra_servicers: Sequence[ServicerHook] = (),
+        extra_service_names: Sequence[str] = (),
+    ) -> None:
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
         self.thread.start()
         self.server: EmbedServer
-        self.server, self.port = self.call(create_server(cfg, engine=engine))
+        self.server, self.port = self.call(
+            create_server(cfg, engine=engine, extra_servicers=extra_servicers, extra_service_names=extra_service_names)
+        )
         self.call(self.server.start())
 
     @property

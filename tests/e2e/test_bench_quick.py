@@ -23,6 +23,8 @@ STAGE_PREFIXES = (
     "backbone/freeze",
     "end-to-end offline",
     "end-to-end gRPC",
+    "overload/unloaded",
+    "overload/flood",
     "kNN graph k=10 / faiss flat",
     "kNN graph k=10 / faiss hnsw",
     "kNN graph k=10 / faiss ivf-flat",

@@ -200,3 +200,17 @@ def test_probe_and_filter(served: tuple[str, FakeEmbedServer]) -> None:
         with pytest.raises(RemoteError) as e:
             client.filter("blobs", example_keys=["missing"])
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_outliers_rank_a_planted_far_item_first(served: tuple[str, FakeEmbedServer]) -> None:
+    target, _ = served
+    items = _blobs()
+    with ClusterClient(target) as client:
+        r = client.outliers("blobs", top=5)
+        assert len(r.keys) == 5 and r.n == len(items.keys) and r.k >= 5
+        assert (np.diff(r.score) <= 0).all() and (r.lof > 0).all()
+        sub = client.outliers("blobs", keys=items.keys[:40], k=3)
+        assert sorted(sub.keys) == sorted(items.keys[:40]) and sub.k == 3
+        with pytest.raises(RemoteError) as e:
+            client.outliers("blobs", keys=items.keys[:40], k=40)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT

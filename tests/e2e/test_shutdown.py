@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 OCT_SAMPLE = REPO / "tests" / "data" / "oct-sample"
 
 CONFIG = """
+# The torch float32 reference runtime: slow enough on the CPU that the load is still in flight at SIGTERM.
+[backbone]
+runtime = "torch"
+cpu_precision = "float32"
+
 [engine]
 batch_size = 4
 prefetch_batches = 1

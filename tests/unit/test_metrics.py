@@ -15,3 +15,14 @@ def test_metrics_registries_are_independent_and_labels_fixed() -> None:
     a.track_gpu_memory(lambda: (1024, 4096))
     assert a.registry.get_sample_value("embedserve_gpu_memory_bytes", {"kind": "reserved"}) == 4096
     assert b"embedserve_gpu_memory_bytes" in a.exposition()
+
+
+def test_gpu_memory_gauge_reports_device_totals_beside_the_allocator() -> None:
+    m = Metrics()
+    m.track_gpu_memory(lambda: (1024, 4096))
+    m.track_gpu_device_memory(lambda: (3 << 30, 8 << 30))
+    got = {kind: m.registry.get_sample_value("embedserve_gpu_memory_bytes", {"kind": kind}) for kind in KINDS}
+    assert got == {"allocated": 1024, "reserved": 4096, "device_free": 3 << 30, "device_total": 8 << 30}
+
+
+KINDS = ("allocated", "reserved", "device_free", "device_total")

@@ -67,7 +67,13 @@ def test_probe_and_filter_match_direct_calls(items: FetchedItems) -> None:
     examples = [k for k, t in zip(items.keys, truth, strict=True) if t == "c0"][:3]
     unwanted = [k for k, t in zip(items.keys, truth, strict=True) if t == "c0"]
     by_distance = analysis.filter(
-        FilterQuery(collection="blobs", example_keys=examples, unwanted_attribute="label", unwanted_values=["c0"])
+        FilterQuery(
+            collection="blobs",
+            example_keys=examples,
+            method="distance",
+            unwanted_attribute="label",
+            unwanted_values=["c0"],
+        )
     )
     direct = evaluate.filter_by_examples(items.keys, items.vectors, examples, unwanted=unwanted)
     assert (by_distance.remove, by_distance.threshold, by_distance.quality) == (
@@ -91,7 +97,7 @@ def test_bad_requests_raise_typed_errors(items: FetchedItems) -> None:
     with pytest.raises(ClusterRequestError, match="not in the data"):
         analysis.filter(FilterQuery(collection="blobs", example_keys=["missing"]))
     with pytest.raises(ClusterRequestError, match="single example"):  # a ValueError of the filter
-        analysis.filter(FilterQuery(collection="blobs", example_keys=items.keys[:1]))
+        analysis.filter(FilterQuery(collection="blobs", example_keys=items.keys[:1], method="distance"))
     one_class = FetchedItems(items.keys, items.vectors, [{"label": "same"} for _ in items.keys])
     with pytest.raises(ClusterRequestError, match="two classes"):  # a ValueError of the probe
         Analysis(DictSource(one_class)).probe(ProbeQuery(collection="blobs", target_attribute="label"))

@@ -121,6 +121,34 @@ def test_public_function_dispatch(device: str, monkeypatch: pytest.MonkeyPatch) 
         P.preprocess_batch(images, SIZE, backend="fast")  # type: ignore[arg-type]
 
 
+def test_pack_groups_bound_the_copy() -> None:
+    sizes = [10, 30, 25, 100, 5, 5]  # bytes of each uint8 image
+    images = [torch.zeros(n, dtype=torch.uint8).view(1, 1, n) for n in sizes]
+    groups = P.pack_groups(images, limit=40)
+    assert [list(g) for g in groups] == [[0, 1], [2], [3], [4, 5]]  # 100 > 40 runs alone
+    assert all(sum(sizes[i] for i in g) <= 40 or len(g) == 1 for g in groups)
+    assert [list(g) for g in P.pack_groups(images)] == [list(range(6))]
+
+
+def test_a_lone_image_is_packed_without_a_copy(device: str) -> None:
+    image = _ragged(device)[0]
+    flat, _ = P._pack([image], SIZE, "squash", "chw")
+    assert flat.data_ptr() == image.data_ptr()  # a view of its storage: no second copy of its pixels
+    both, _ = P._pack(_ragged(device)[:2], SIZE, "squash", "chw")
+    assert both.numel() == sum(i.numel() for i in _ragged(device)[:2])
+
+
+@pytest.mark.parametrize("pack_bytes", [1, 2000])
+def test_several_launches_match_one(device: str, pack_bytes: int) -> None:
+    images = _ragged(device)
+    assert len(P.pack_groups(images, pack_bytes)) > 1
+    ref = P.preprocess_reference(images, SIZE, policy="letterbox", pad="edge")
+    out = P._preprocess_triton(images, SIZE, policy="letterbox", pad="edge", channels_last=True, pack_bytes=pack_bytes)
+    _assert_close(out, ref)
+    one = P._preprocess_triton(images, SIZE, policy="letterbox", pad="edge", channels_last=True)
+    assert torch.equal(out, one)
+
+
 def test_rejects_bad_inputs(device: str) -> None:
     with pytest.raises(ValueError, match="at least one"):
         P._preprocess_triton([], SIZE)

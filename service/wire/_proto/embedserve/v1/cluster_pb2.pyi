@@ -32,7 +32,7 @@ PROBE_CLASSIFIER_LOGREG: ProbeClassifier
 PROBE_CLASSIFIER_KNN: ProbeClassifier
 
 class ClusterParameters(_message.Message):
-    __slots__ = ("k", "k_min", "k_max", "eps", "min_samples", "min_cluster_size", "max_iter", "n_init", "seed", "silhouette_sample")
+    __slots__ = ("k", "k_min", "k_max", "eps", "min_samples", "min_cluster_size", "max_iter", "n_init", "seed", "silhouette_sample", "metric")
     K_FIELD_NUMBER: _ClassVar[int]
     K_MIN_FIELD_NUMBER: _ClassVar[int]
     K_MAX_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class ClusterParameters(_message.Message):
     N_INIT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SILHOUETTE_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
     k: int
     k_min: int
     k_max: int
@@ -53,10 +54,11 @@ class ClusterParameters(_message.Message):
     n_init: int
     seed: int
     silhouette_sample: int
-    def __init__(self, k: _Optional[int] = ..., k_min: _Optional[int] = ..., k_max: _Optional[int] = ..., eps: _Optional[float] = ..., min_samples: _Optional[int] = ..., min_cluster_size: _Optional[int] = ..., max_iter: _Optional[int] = ..., n_init: _Optional[int] = ..., seed: _Optional[int] = ..., silhouette_sample: _Optional[int] = ...) -> None: ...
+    metric: str
+    def __init__(self, k: _Optional[int] = ..., k_min: _Optional[int] = ..., k_max: _Optional[int] = ..., eps: _Optional[float] = ..., min_samples: _Optional[int] = ..., min_cluster_size: _Optional[int] = ..., max_iter: _Optional[int] = ..., n_init: _Optional[int] = ..., seed: _Optional[int] = ..., silhouette_sample: _Optional[int] = ..., metric: _Optional[str] = ...) -> None: ...
 
 class ClusterRequest(_message.Message):
-    __slots__ = ("collection", "keys", "algorithm", "parameters", "pca_dim", "ground_truth_attribute", "backend", "include_details")
+    __slots__ = ("collection", "keys", "algorithm", "parameters", "pca_dim", "ground_truth_attribute", "backend", "include_details", "skip_pca")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,7 @@ class ClusterRequest(_message.Message):
     GROUND_TRUTH_ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PCA_FIELD_NUMBER: _ClassVar[int]
     collection: str
     keys: _containers.RepeatedScalarFieldContainer[str]
     algorithm: ClusterAlgorithm
@@ -73,7 +76,8 @@ class ClusterRequest(_message.Message):
     ground_truth_attribute: str
     backend: str
     include_details: bool
-    def __init__(self, collection: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., algorithm: _Optional[_Union[ClusterAlgorithm, str]] = ..., parameters: _Optional[_Union[ClusterParameters, _Mapping]] = ..., pca_dim: _Optional[int] = ..., ground_truth_attribute: _Optional[str] = ..., backend: _Optional[str] = ..., include_details: _Optional[bool] = ...) -> None: ...
+    skip_pca: bool
+    def __init__(self, collection: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., algorithm: _Optional[_Union[ClusterAlgorithm, str]] = ..., parameters: _Optional[_Union[ClusterParameters, _Mapping]] = ..., pca_dim: _Optional[int] = ..., ground_truth_attribute: _Optional[str] = ..., backend: _Optional[str] = ..., include_details: _Optional[bool] = ..., skip_pca: _Optional[bool] = ...) -> None: ...
 
 class Matrix(_message.Message):
     __slots__ = ("rows", "cols", "data")
@@ -106,7 +110,7 @@ class ContingencyTable(_message.Message):
     def __init__(self, clusters: _Optional[_Iterable[int]] = ..., classes: _Optional[_Iterable[str]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClusterResponse(_message.Message):
-    __slots__ = ("keys", "assignments", "noise", "centers", "medoid_keys", "algorithm", "backend", "seconds", "k", "eps", "metrics", "table", "sweep", "k_distance", "projection", "center_distance", "ground_truth", "paths")
+    __slots__ = ("keys", "assignments", "noise", "centers", "medoid_keys", "algorithm", "backend", "seconds", "k", "eps", "metrics", "table", "sweep", "k_distance", "projection", "center_distance", "ground_truth", "paths", "warnings")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +136,7 @@ class ClusterResponse(_message.Message):
     CENTER_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     GROUND_TRUTH_FIELD_NUMBER: _ClassVar[int]
     PATHS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     assignments: _containers.RepeatedScalarFieldContainer[int]
     noise: _containers.RepeatedScalarFieldContainer[bool]
@@ -150,7 +155,8 @@ class ClusterResponse(_message.Message):
     center_distance: _containers.RepeatedScalarFieldContainer[float]
     ground_truth: _containers.RepeatedScalarFieldContainer[str]
     paths: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, keys: _Optional[_Iterable[str]] = ..., assignments: _Optional[_Iterable[int]] = ..., noise: _Optional[_Iterable[bool]] = ..., centers: _Optional[_Union[Matrix, _Mapping]] = ..., medoid_keys: _Optional[_Iterable[str]] = ..., algorithm: _Optional[str] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ..., k: _Optional[int] = ..., eps: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., table: _Optional[_Union[ContingencyTable, _Mapping]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., k_distance: _Optional[_Iterable[float]] = ..., projection: _Optional[_Union[Matrix, _Mapping]] = ..., center_distance: _Optional[_Iterable[float]] = ..., ground_truth: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., assignments: _Optional[_Iterable[int]] = ..., noise: _Optional[_Iterable[bool]] = ..., centers: _Optional[_Union[Matrix, _Mapping]] = ..., medoid_keys: _Optional[_Iterable[str]] = ..., algorithm: _Optional[str] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ..., k: _Optional[int] = ..., eps: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., table: _Optional[_Union[ContingencyTable, _Mapping]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., k_distance: _Optional[_Iterable[float]] = ..., projection: _Optional[_Union[Matrix, _Mapping]] = ..., center_distance: _Optional[_Iterable[float]] = ..., ground_truth: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("collection", "keys", "target_attribute", "group_attribute", "classifier", "folds", "knn_k", "seed")
@@ -205,7 +211,7 @@ class ProbeResponse(_message.Message):
     def __init__(self, classifier: _Optional[str] = ..., folds: _Optional[int] = ..., accuracy: _Optional[float] = ..., fold_accuracy: _Optional[_Iterable[float]] = ..., chance: _Optional[float] = ..., per_class: _Optional[_Iterable[_Union[ClassScores, _Mapping]]] = ..., confusion: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FilterRequest(_message.Message):
-    __slots__ = ("collection", "keys", "example_keys", "cluster_ids", "by_cluster", "cluster", "max_distance", "unwanted_attribute", "unwanted_values")
+    __slots__ = ("collection", "keys", "example_keys", "cluster_ids", "by_cluster", "cluster", "max_distance", "unwanted_attribute", "unwanted_values", "method")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +221,7 @@ class FilterRequest(_message.Message):
     MAX_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     UNWANTED_ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     UNWANTED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     collection: str
     keys: _containers.RepeatedScalarFieldContainer[str]
     example_keys: _containers.RepeatedScalarFieldContainer[str]
@@ -224,10 +231,11 @@ class FilterRequest(_message.Message):
     max_distance: float
     unwanted_attribute: str
     unwanted_values: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, collection: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., example_keys: _Optional[_Iterable[str]] = ..., cluster_ids: _Optional[_Iterable[int]] = ..., by_cluster: _Optional[bool] = ..., cluster: _Optional[_Union[ClusterRequest, _Mapping]] = ..., max_distance: _Optional[float] = ..., unwanted_attribute: _Optional[str] = ..., unwanted_values: _Optional[_Iterable[str]] = ...) -> None: ...
+    method: str
+    def __init__(self, collection: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., example_keys: _Optional[_Iterable[str]] = ..., cluster_ids: _Optional[_Iterable[int]] = ..., by_cluster: _Optional[bool] = ..., cluster: _Optional[_Union[ClusterRequest, _Mapping]] = ..., max_distance: _Optional[float] = ..., unwanted_attribute: _Optional[str] = ..., unwanted_values: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ...) -> None: ...
 
 class FilterResponse(_message.Message):
-    __slots__ = ("remove", "keep", "method", "threshold", "removed_clusters", "precision", "recall", "quality")
+    __slots__ = ("remove", "keep", "method", "threshold", "removed_clusters", "precision", "recall", "quality", "reason")
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +244,7 @@ class FilterResponse(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     remove: _containers.RepeatedScalarFieldContainer[str]
     keep: _containers.RepeatedScalarFieldContainer[str]
     method: str
@@ -244,4 +253,35 @@ class FilterResponse(_message.Message):
     precision: float
     recall: float
     quality: float
-    def __init__(self, remove: _Optional[_Iterable[str]] = ..., keep: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., threshold: _Optional[float] = ..., removed_clusters: _Optional[_Iterable[int]] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., quality: _Optional[float] = ...) -> None: ...
+    reason: str
+    def __init__(self, remove: _Optional[_Iterable[str]] = ..., keep: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., threshold: _Optional[float] = ..., removed_clusters: _Optional[_Iterable[int]] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., quality: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class OutliersRequest(_message.Message):
+    __slots__ = ("collection", "keys", "k", "top")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    top: int
+    def __init__(self, collection: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., top: _Optional[int] = ...) -> None: ...
+
+class OutliersResponse(_message.Message):
+    __slots__ = ("keys", "kth_distance", "lof", "score", "paths", "k", "n")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    KTH_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    LOF_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    kth_distance: _containers.RepeatedScalarFieldContainer[float]
+    lof: _containers.RepeatedScalarFieldContainer[float]
+    score: _containers.RepeatedScalarFieldContainer[float]
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    n: int
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., kth_distance: _Optional[_Iterable[float]] = ..., lof: _Optional[_Iterable[float]] = ..., score: _Optional[_Iterable[float]] = ..., paths: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,11 @@ class ClustererStub:
                 request_serializer=embedserve_dot_v1_dot_cluster__pb2.FilterRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_cluster__pb2.FilterResponse.FromString,
                 _registered_method=True)
+        self.Outliers = channel.unary_unary(
+                '/embedserve.v1.Clusterer/Outliers',
+                request_serializer=embedserve_dot_v1_dot_cluster__pb2.OutliersRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_cluster__pb2.OutliersResponse.FromString,
+                _registered_method=True)
 
 
 class ClustererServicer:
@@ -75,6 +80,13 @@ class ClustererServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Outliers(self, request, context):
+        """Every item ranked by how unusual it is: distance to its k-th neighbour and local outlier factor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClustererServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_ClustererServicer_to_server(servicer, server):
                     servicer.Filter,
                     request_deserializer=embedserve_dot_v1_dot_cluster__pb2.FilterRequest.FromString,
                     response_serializer=embedserve_dot_v1_dot_cluster__pb2.FilterResponse.SerializeToString,
+            ),
+            'Outliers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Outliers,
+                    request_deserializer=embedserve_dot_v1_dot_cluster__pb2.OutliersRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_cluster__pb2.OutliersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Clusterer:
             '/embedserve.v1.Clusterer/Filter',
             embedserve_dot_v1_dot_cluster__pb2.FilterRequest.SerializeToString,
             embedserve_dot_v1_dot_cluster__pb2.FilterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Outliers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedserve.v1.Clusterer/Outliers',
+            embedserve_dot_v1_dot_cluster__pb2.OutliersRequest.SerializeToString,
+            embedserve_dot_v1_dot_cluster__pb2.OutliersResponse.FromString,
             options,
             channel_credentials,
             insecure,

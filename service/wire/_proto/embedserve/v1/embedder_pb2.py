@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedserve/v1/embedder.proto\x12\rembedserve.v1\"\x8f\x01\n\x05Image\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x38\n\nattributes\x18\x03 \x03(\x0b\x32$.embedserve.v1.Image.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb9\x01\n\x0c\x45mbedRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.embedserve.v1.Image\x12\x1b\n\x0ereturn_vectors\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\r\n\x05store\x18\x03 \x01(\x08\x12\x12\n\ncollection\x18\x04 \x01(\t\x12\x30\n\x0cvector_dtype\x18\x05 \x01(\x0e\x32\x1a.embedserve.v1.VectorDTypeB\x11\n\x0f_return_vectors\"<\n\x0bImageStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x88\x01\n\x06Result\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12)\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1a.embedserve.v1.VectorDType\x12)\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.embedserve.v1.ImageStatus\"7\n\rEmbedResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.embedserve.v1.Result\"\x15\n\x13GetModelInfoRequest\"\xb1\x01\n\tModelInfo\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12\x12\n\ninput_size\x18\x03 \x01(\x05\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_backend\x18\x06 \x01(\t\x12\x0e\n\x06resize\x18\x07 \x01(\t\x12\x0b\n\x03pad\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\"A\n\x05Query\x12\r\n\x03key\x18\x01 \x01(\tH\x00\x12\x10\n\x06vector\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\"~\n\x10NeighborsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12%\n\x07queries\x18\x04 \x03(\x0b\x32\x14.embedserve.v1.Query\x12\x14\n\x0c\x65xclude_self\x18\x05 \x01(\x08\"\x96\x01\n\x08Neighbor\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12;\n\nattributes\x18\x03 \x03(\x0b\x32\'.embedserve.v1.Neighbor.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\x0bQueryResult\x12*\n\tneighbors\x18\x01 \x03(\x0b\x32\x17.embedserve.v1.Neighbor\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.embedserve.v1.ImageStatus\"P\n\x11NeighborsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.embedserve.v1.QueryResult\x12\x0e\n\x06metric\x18\x02 \x01(\t\"6\n\x12\x44\x65leteItemsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"&\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\"`\n\x10ListItemsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x17\n\x0finclude_vectors\x18\x04 \x01(\x08\"\x9b\x01\n\nStoredItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x01(\x0c\x12=\n\nattributes\x18\x03 \x03(\x0b\x32).embedserve.v1.StoredItem.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\tItemsPage\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.embedserve.v1.StoredItem\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\".\n\x18GetCollectionInfoRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\x9e\x01\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\x12\x0f\n\x07trained\x18\x06 \x01(\x08\x12\x15\n\rbytes_on_disk\x18\x07 \x01(\x03\x12\x16\n\x0esearch_backend\x18\x08 \x01(\t\"\x18\n\x16ListCollectionsRequest\"M\n\x17ListCollectionsResponse\x12\x32\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1d.embedserve.v1.CollectionInfo\"X\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x12\n\nindex_type\x18\x04 \x01(\t\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44ropCollectionResponse*_\n\x0bVectorDType\x12\x1c\n\x18VECTOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VECTOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14VECTOR_DTYPE_FLOAT16\x10\x02\x32\xd3\x06\n\x08\x45mbedder\x12\x42\n\x05\x45mbed\x12\x1b.embedserve.v1.EmbedRequest\x1a\x1c.embedserve.v1.EmbedResponse\x12L\n\x0b\x45mbedStream\x12\x1b.embedserve.v1.EmbedRequest\x1a\x1c.embedserve.v1.EmbedResponse(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".embedserve.v1.GetModelInfoRequest\x1a\x18.embedserve.v1.ModelInfo\x12N\n\tNeighbors\x12\x1f.embedserve.v1.NeighborsRequest\x1a .embedserve.v1.NeighborsResponse\x12T\n\x0b\x44\x65leteItems\x12!.embedserve.v1.DeleteItemsRequest\x1a\".embedserve.v1.DeleteItemsResponse\x12H\n\tListItems\x12\x1f.embedserve.v1.ListItemsRequest\x1a\x18.embedserve.v1.ItemsPage0\x01\x12[\n\x11GetCollectionInfo\x12\'.embedserve.v1.GetCollectionInfoRequest\x1a\x1d.embedserve.v1.CollectionInfo\x12`\n\x0fListCollections\x12%.embedserve.v1.ListCollectionsRequest\x1a&.embedserve.v1.ListCollectionsResponse\x12Y\n\x10\x43reateCollection\x12&.embedserve.v1.CreateCollectionRequest\x1a\x1d.embedserve.v1.CollectionInfo\x12]\n\x0e\x44ropCollection\x12$.embedserve.v1.DropCollectionRequest\x1a%.embedserve.v1.DropCollectionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedserve/v1/embedder.proto\x12\rembedserve.v1\"\x8f\x01\n\x05Image\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x38\n\nattributes\x18\x03 \x03(\x0b\x32$.embedserve.v1.Image.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb9\x01\n\x0c\x45mbedRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.embedserve.v1.Image\x12\x1b\n\x0ereturn_vectors\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\r\n\x05store\x18\x03 \x01(\x08\x12\x12\n\ncollection\x18\x04 \x01(\t\x12\x30\n\x0cvector_dtype\x18\x05 \x01(\x0e\x32\x1a.embedserve.v1.VectorDTypeB\x11\n\x0f_return_vectors\"<\n\x0bImageStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x88\x01\n\x06Result\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12)\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1a.embedserve.v1.VectorDType\x12)\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.embedserve.v1.ImageStatus\"7\n\rEmbedResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.embedserve.v1.Result\"\x15\n\x13GetModelInfoRequest\"\xc2\x01\n\tModelInfo\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x15\n\rembedding_dim\x18\x02 \x01(\x05\x12\x12\n\ninput_size\x18\x03 \x01(\x05\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_backend\x18\x06 \x01(\t\x12\x0e\n\x06resize\x18\x07 \x01(\t\x12\x0b\n\x03pad\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x0f\n\x07runtime\x18\n \x01(\t\"A\n\x05Query\x12\r\n\x03key\x18\x01 \x01(\tH\x00\x12\x10\n\x06vector\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\"~\n\x10NeighborsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12%\n\x07queries\x18\x04 \x03(\x0b\x32\x14.embedserve.v1.Query\x12\x14\n\x0c\x65xclude_self\x18\x05 \x01(\x08\"\x96\x01\n\x08Neighbor\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12;\n\nattributes\x18\x03 \x03(\x0b\x32\'.embedserve.v1.Neighbor.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\x0bQueryResult\x12*\n\tneighbors\x18\x01 \x03(\x0b\x32\x17.embedserve.v1.Neighbor\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.embedserve.v1.ImageStatus\"P\n\x11NeighborsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.embedserve.v1.QueryResult\x12\x0e\n\x06metric\x18\x02 \x01(\t\"6\n\x12\x44\x65leteItemsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"&\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\"`\n\x10ListItemsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x17\n\x0finclude_vectors\x18\x04 \x01(\x08\"\x9b\x01\n\nStoredItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x01(\x0c\x12=\n\nattributes\x18\x03 \x03(\x0b\x32).embedserve.v1.StoredItem.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\tItemsPage\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.embedserve.v1.StoredItem\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\".\n\x18GetCollectionInfoRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\x9e\x01\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\x12\x0f\n\x07trained\x18\x06 \x01(\x08\x12\x15\n\rbytes_on_disk\x18\x07 \x01(\x03\x12\x16\n\x0esearch_backend\x18\x08 \x01(\t\"\x18\n\x16ListCollectionsRequest\"M\n\x17ListCollectionsResponse\x12\x32\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1d.embedserve.v1.CollectionInfo\"X\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x12\n\nindex_type\x18\x04 \x01(\t\"%\n\x15\x44ropCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44ropCollectionResponse*_\n\x0bVectorDType\x12\x1c\n\x18VECTOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VECTOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14VECTOR_DTYPE_FLOAT16\x10\x02\x32\xd3\x06\n\x08\x45mbedder\x12\x42\n\x05\x45mbed\x12\x1b.embedserve.v1.EmbedRequest\x1a\x1c.embedserve.v1.EmbedResponse\x12L\n\x0b\x45mbedStream\x12\x1b.embedserve.v1.EmbedRequest\x1a\x1c.embedserve.v1.EmbedResponse(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".embedserve.v1.GetModelInfoRequest\x1a\x18.embedserve.v1.ModelInfo\x12N\n\tNeighbors\x12\x1f.embedserve.v1.NeighborsRequest\x1a .embedserve.v1.NeighborsResponse\x12T\n\x0b\x44\x65leteItems\x12!.embedserve.v1.DeleteItemsRequest\x1a\".embedserve.v1.DeleteItemsResponse\x12H\n\tListItems\x12\x1f.embedserve.v1.ListItemsRequest\x1a\x18.embedserve.v1.ItemsPage0\x01\x12[\n\x11GetCollectionInfo\x12\'.embedserve.v1.GetCollectionInfoRequest\x1a\x1d.embedserve.v1.CollectionInfo\x12`\n\x0fListCollections\x12%.embedserve.v1.ListCollectionsRequest\x1a&.embedserve.v1.ListCollectionsResponse\x12Y\n\x10\x43reateCollection\x12&.embedserve.v1.CreateCollectionRequest\x1a\x1d.embedserve.v1.CollectionInfo\x12]\n\x0e\x44ropCollection\x12$.embedserve.v1.DropCollectionRequest\x1a%.embedserve.v1.DropCollectionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEIGHBOR_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_STOREDITEM_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_STOREDITEM_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_VECTORDTYPE']._serialized_start=2263
-  _globals['_VECTORDTYPE']._serialized_end=2358
+  _globals['_VECTORDTYPE']._serialized_start=2280
+  _globals['_VECTORDTYPE']._serialized_end=2375
   _globals['_IMAGE']._serialized_start=48
   _globals['_IMAGE']._serialized_end=191
   _globals['_IMAGE_ATTRIBUTESENTRY']._serialized_start=142
@@ -54,45 +54,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=639
   _globals['_GETMODELINFOREQUEST']._serialized_end=660
   _globals['_MODELINFO']._serialized_start=663
-  _globals['_MODELINFO']._serialized_end=840
-  _globals['_QUERY']._serialized_start=842
-  _globals['_QUERY']._serialized_end=907
-  _globals['_NEIGHBORSREQUEST']._serialized_start=909
-  _globals['_NEIGHBORSREQUEST']._serialized_end=1035
-  _globals['_NEIGHBOR']._serialized_start=1038
-  _globals['_NEIGHBOR']._serialized_end=1188
+  _globals['_MODELINFO']._serialized_end=857
+  _globals['_QUERY']._serialized_start=859
+  _globals['_QUERY']._serialized_end=924
+  _globals['_NEIGHBORSREQUEST']._serialized_start=926
+  _globals['_NEIGHBORSREQUEST']._serialized_end=1052
+  _globals['_NEIGHBOR']._serialized_start=1055
+  _globals['_NEIGHBOR']._serialized_end=1205
   _globals['_NEIGHBOR_ATTRIBUTESENTRY']._serialized_start=142
   _globals['_NEIGHBOR_ATTRIBUTESENTRY']._serialized_end=191
-  _globals['_QUERYRESULT']._serialized_start=1190
-  _globals['_QUERYRESULT']._serialized_end=1290
-  _globals['_NEIGHBORSRESPONSE']._serialized_start=1292
-  _globals['_NEIGHBORSRESPONSE']._serialized_end=1372
-  _globals['_DELETEITEMSREQUEST']._serialized_start=1374
-  _globals['_DELETEITEMSREQUEST']._serialized_end=1428
-  _globals['_DELETEITEMSRESPONSE']._serialized_start=1430
-  _globals['_DELETEITEMSRESPONSE']._serialized_end=1468
-  _globals['_LISTITEMSREQUEST']._serialized_start=1470
-  _globals['_LISTITEMSREQUEST']._serialized_end=1566
-  _globals['_STOREDITEM']._serialized_start=1569
-  _globals['_STOREDITEM']._serialized_end=1724
+  _globals['_QUERYRESULT']._serialized_start=1207
+  _globals['_QUERYRESULT']._serialized_end=1307
+  _globals['_NEIGHBORSRESPONSE']._serialized_start=1309
+  _globals['_NEIGHBORSRESPONSE']._serialized_end=1389
+  _globals['_DELETEITEMSREQUEST']._serialized_start=1391
+  _globals['_DELETEITEMSREQUEST']._serialized_end=1445
+  _globals['_DELETEITEMSRESPONSE']._serialized_start=1447
+  _globals['_DELETEITEMSRESPONSE']._serialized_end=1485
+  _globals['_LISTITEMSREQUEST']._serialized_start=1487
+  _globals['_LISTITEMSREQUEST']._serialized_end=1583
+  _globals['_STOREDITEM']._serialized_start=1586
+  _globals['_STOREDITEM']._serialized_end=1741
   _globals['_STOREDITEM_ATTRIBUTESENTRY']._serialized_start=142
   _globals['_STOREDITEM_ATTRIBUTESENTRY']._serialized_end=191
-  _globals['_ITEMSPAGE']._serialized_start=1726
-  _globals['_ITEMSPAGE']._serialized_end=1792
-  _globals['_GETCOLLECTIONINFOREQUEST']._serialized_start=1794
-  _globals['_GETCOLLECTIONINFOREQUEST']._serialized_end=1840
-  _globals['_COLLECTIONINFO']._serialized_start=1843
-  _globals['_COLLECTIONINFO']._serialized_end=2001
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2003
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2027
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=2029
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2106
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=2108
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=2196
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=2198
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=2235
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=2237
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=2261
-  _globals['_EMBEDDER']._serialized_start=2361
-  _globals['_EMBEDDER']._serialized_end=3212
+  _globals['_ITEMSPAGE']._serialized_start=1743
+  _globals['_ITEMSPAGE']._serialized_end=1809
+  _globals['_GETCOLLECTIONINFOREQUEST']._serialized_start=1811
+  _globals['_GETCOLLECTIONINFOREQUEST']._serialized_end=1857
+  _globals['_COLLECTIONINFO']._serialized_start=1860
+  _globals['_COLLECTIONINFO']._serialized_end=2018
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2020
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2044
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=2046
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2123
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=2125
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=2213
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=2215
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=2252
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=2254
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=2278
+  _globals['_EMBEDDER']._serialized_start=2378
+  _globals['_EMBEDDER']._serialized_end=3229
 # @@protoc_insertion_point(module_scope)

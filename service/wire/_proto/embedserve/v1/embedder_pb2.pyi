@@ -82,7 +82,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("backbone", "embedding_dim", "input_size", "precision", "device", "decode_backend", "resize", "pad", "version")
+    __slots__ = ("backbone", "embedding_dim", "input_size", "precision", "device", "decode_backend", "resize", "pad", "version", "runtime")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class ModelInfo(_message.Message):
     RESIZE_FIELD_NUMBER: _ClassVar[int]
     PAD_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     embedding_dim: int
     input_size: int
@@ -101,7 +102,8 @@ class ModelInfo(_message.Message):
     resize: str
     pad: str
     version: str
-    def __init__(self, backbone: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_size: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., decode_backend: _Optional[str] = ..., resize: _Optional[str] = ..., pad: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    runtime: str
+    def __init__(self, backbone: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_size: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., decode_backend: _Optional[str] = ..., resize: _Optional[str] = ..., pad: _Optional[str] = ..., version: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class Query(_message.Message):
     __slots__ = ("key", "vector", "image")

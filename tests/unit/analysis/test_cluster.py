@@ -63,7 +63,7 @@ def test_kmedoids_agrees_with_sklearn_kmeans(blobs: tuple[np.ndarray, np.ndarray
 def test_dbscan_equals_sklearn_up_to_renaming(noisy_blobs: np.ndarray, backend: str) -> None:
     x = noisy_blobs
     reference = DBSCAN(eps=1.5, min_samples=5).fit_predict(x)
-    result = cluster(x, ClusterParams(algorithm="dbscan", eps=1.5, min_samples=5, backend=backend))  # type: ignore[arg-type]
+    result = cluster(x, ClusterParams(algorithm="dbscan", eps=1.5, min_samples=5, metric="euclidean", backend=backend))  # type: ignore[arg-type]
     assert result.backend == backend
     assert (result.noise == (reference == -1)).all()
     assert result.noise.sum() > 0 and result.n_clusters == 3
@@ -84,7 +84,8 @@ def test_dbscan_torch_matches_sklearn_numbering_and_borders() -> None:
 
 @pytest.mark.parametrize("algorithm", ["hdbscan", "optics"])
 def test_hdbscan_and_optics_find_the_blobs(noisy_blobs: np.ndarray, algorithm: str) -> None:
-    result = cluster(noisy_blobs, ClusterParams(algorithm=algorithm, min_samples=5, min_cluster_size=10))  # type: ignore[arg-type]
+    params = ClusterParams(algorithm=algorithm, min_samples=5, min_cluster_size=10, metric="euclidean")  # type: ignore[arg-type]
+    result = cluster(noisy_blobs, params)
     assert result.backend == "sklearn"
     reference = (
         HDBSCAN(min_cluster_size=10, min_samples=5, copy=True)
@@ -125,7 +126,7 @@ def test_k_auto_picks_the_best_silhouette_and_returns_the_curve(blobs: tuple[np.
 
 
 def test_eps_auto_from_the_k_distance_knee(noisy_blobs: np.ndarray) -> None:
-    result = cluster(noisy_blobs, ClusterParams(algorithm="dbscan", eps=None, min_samples=5))
+    result = cluster(noisy_blobs, ClusterParams(algorithm="dbscan", eps=None, min_samples=5, metric="euclidean"))
     assert result.k_distance is not None and result.k_distance.shape == (315,)
     assert (np.diff(result.k_distance) >= 0).all()
     assert result.eps is not None and result.k_distance[0] < result.eps < result.k_distance[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -43,12 +44,24 @@ def test_env_booleans_and_unrelated_variables() -> None:
         ({"engine.batch_size": "many"}, "engine.batch_size='many' must be an integer"),
         ({"decode.nope": 1}, "unknown setting decode.nope"),
         ({"server.tls_cert": "c.pem"}, "tls_cert and server.tls_key must be given together"),
-        ({"batcher.max_queue_size": 1}, "must be at least max_batch_size"),
+        ({"batcher.max_queue_size": 0}, "batcher.max_queue_size=0 must be positive"),
+        ({"server.max_concurrent_rpcs": -1}, "server.max_concurrent_rpcs=-1 must be >= 0"),
     ],
 )
 def test_invalid_values_explain_the_fix(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(env={}, overrides=overrides)
+
+
+def test_a_queue_smaller_than_a_batch_caps_the_batch_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.config"):
+        for _ in range(3):
+            cfg = load_config(env={}, overrides={"batcher.max_queue_size": 7, "batcher.max_batch_size": 48})
+            assert (cfg.batcher.max_batch_size, cfg.batcher.max_queue_size) == (7, 7)
+    assert [r.getMessage() for r in caplog.records] == [
+        "batcher.max_batch_size=48 is above batcher.max_queue_size=7: batches hold at most 7 images"
+    ]
+    assert load_config(env={}, overrides={"batcher.max_queue_size": 100}).batcher.max_batch_size == 64
 
 
 def test_unknown_env_setting_is_named() -> None:

@@ -1,0 +1,116 @@
+"""Every conversion between the wire messages of `protos/` and the records of `service.types`, in one place.
+
+Servicers and clients call these, never build or read messages field by field themselves:
+
+    request = convert.embed_batch_to_proto(batch)                    # client
+    batch = convert.embed_batch_from_proto(request)                  # server
+    response = convert.embed_response_to_proto(batch, outcomes, dim) # server
+    results = convert.embed_results_from_proto(response)             # client
+
+Naming: `<record>_to_proto(record) -> message` and `<record>_from_proto(message) -> record`. A message that breaks
+the wire format (an unknown enum value, a vector of the wrong byte length, a query with no kind) raises
+`InvalidRequestError`, which the API maps to INVALID_ARGUMENT. Imports only protobuf stubs, numpy and
+`service.types` / `service.errors`: no grpc, no torch.
+"""
+
+from service.wire.convert.analysis import (
+    ALGORITHM_ENUMS,
+    ALGORITHM_NAMES,
+    cluster_params_from_proto,
+    cluster_params_to_proto,
+    cluster_query_from_proto,
+    cluster_query_to_proto,
+    clustering_from_proto,
+    clustering_to_proto,
+    filter_query_from_proto,
+    filter_query_to_proto,
+    filter_result_from_proto,
+    filter_result_to_proto,
+    matrix_from_proto,
+    matrix_to_proto,
+    outlier_query_from_proto,
+    outlier_query_to_proto,
+    outlier_result_from_proto,
+    outlier_result_to_proto,
+    probe_query_from_proto,
+    probe_query_to_proto,
+    probe_result_from_proto,
+    probe_result_to_proto,
+)
+from service.wire.convert.embedder import (
+    DEFAULT_K,
+    DTYPES,
+    IMAGE_ERRORS,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    collection_info_from_proto,
+    collection_info_to_proto,
+    embed_batch_from_proto,
+    embed_batch_to_proto,
+    embed_response_to_proto,
+    embed_results_from_proto,
+    image_error_from_status,
+    image_status,
+    image_to_proto,
+    items_from_proto,
+    items_pages_to_proto,
+    model_info_from_proto,
+    model_info_to_proto,
+    neighbor_query_from_proto,
+    neighbor_query_to_proto,
+    neighbors_from_proto,
+    neighbors_search_from_proto,
+    neighbors_search_to_proto,
+    neighbors_to_proto,
+    vector_dtype,
+)
+
+__all__ = [
+    "ALGORITHM_ENUMS",
+    "ALGORITHM_NAMES",
+    "DEFAULT_K",
+    "DTYPES",
+    "IMAGE_ERRORS",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "cluster_params_from_proto",
+    "cluster_params_to_proto",
+    "cluster_query_from_proto",
+    "cluster_query_to_proto",
+    "clustering_from_proto",
+    "clustering_to_proto",
+    "collection_info_from_proto",
+    "collection_info_to_proto",
+    "embed_batch_from_proto",
+    "embed_batch_to_proto",
+    "embed_response_to_proto",
+    "embed_results_from_proto",
+    "filter_query_from_proto",
+    "filter_query_to_proto",
+    "filter_result_from_proto",
+    "filter_result_to_proto",
+    "image_error_from_status",
+    "image_status",
+    "image_to_proto",
+    "items_from_proto",
+    "items_pages_to_proto",
+    "matrix_from_proto",
+    "matrix_to_proto",
+    "model_info_from_proto",
+    "model_info_to_proto",
+    "neighbor_query_from_proto",
+    "neighbor_query_to_proto",
+    "neighbors_from_proto",
+    "neighbors_search_from_proto",
+    "neighbors_search_to_proto",
+    "neighbors_to_proto",
+    "outlier_query_from_proto",
+    "outlier_query_to_proto",
+    "outlier_result_from_proto",
+    "outlier_result_to_proto",
+    "probe_query_from_proto",
+    "probe_query_to_proto",
+    "probe_result_from_proto",
+    "probe_result_to_proto",
+    "vector_dtype",
+]
