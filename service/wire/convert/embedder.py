@@ -3,6 +3,7 @@ and Neighbors. See `service.wire.convert` for the naming rules."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
@@ -151,60 +152,25 @@ def embed_results_from_proto(response: pb.EmbedResponse) -> list[EmbedResult]:
 # -- model and collections --------------------------------------------------------------------------------------
 
 
+def _same_fields(record_type: type, source: Any) -> dict[str, Any]:
+    """`source`'s values of every field of the dataclass `record_type` (record and message name them alike)."""
+    return {f.name: getattr(source, f.name) for f in dataclasses.fields(record_type)}
+
+
 def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(
-        backbone=info.backbone,
-        embedding_dim=info.embedding_dim,
-        input_size=info.input_size,
-        precision=info.precision,
-        device=info.device,
-        decode_backend=info.decode_backend,
-        resize=info.resize,
-        pad=info.pad,
-        version=info.version,
-        runtime=info.runtime,
-    )
+    return pb.ModelInfo(**_same_fields(ModelInfo, info))
 
 
 def model_info_from_proto(info: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        backbone=info.backbone,
-        embedding_dim=info.embedding_dim,
-        input_size=info.input_size,
-        precision=info.precision,
-        device=info.device,
-        decode_backend=info.decode_backend,
-        resize=info.resize,
-        pad=info.pad,
-        version=info.version,
-        runtime=info.runtime,
-    )
+    return ModelInfo(**_same_fields(ModelInfo, info))
 
 
 def collection_info_to_proto(info: CollectionInfo) -> pb.CollectionInfo:
-    return pb.CollectionInfo(
-        name=info.name,
-        dim=info.dim,
-        metric=info.metric,
-        index_type=info.index_type,
-        count=info.count,
-        trained=info.trained,
-        bytes_on_disk=info.bytes_on_disk,
-        search_backend=info.search_backend,
-    )
+    return pb.CollectionInfo(**_same_fields(CollectionInfo, info))
 
 
 def collection_info_from_proto(info: pb.CollectionInfo) -> CollectionInfo:
-    return CollectionInfo(
-        name=info.name,
-        dim=info.dim,
-        metric=info.metric,
-        index_type=info.index_type,
-        count=info.count,
-        trained=info.trained,
-        bytes_on_disk=info.bytes_on_disk,
-        search_backend=info.search_backend,
-    )
+    return CollectionInfo(**_same_fields(CollectionInfo, info))
 
 
 def items_pages_to_proto(items: FetchedItems, *, page_size: int, include_vectors: bool) -> Iterator[pb.ItemsPage]:
