@@ -178,6 +178,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pad", choices=["zero", "white", "edge"], help="letterbox padding (default zero)")
     group.add_argument("--decode-backend", choices=["auto", "dali", "torchvision", "pillow"], help="decoder")
     group.add_argument("--amp-dtype", choices=["float16", "bfloat16"], help="autocast precision on CUDA")
+    group.add_argument(
+        "--runtime",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        help="backbone runtime (default auto: OpenVINO on an x86 CPU, torch on CUDA)",
+    )
+    group.add_argument(
+        "--cpu-precision",
+        choices=["auto", "float32", "bfloat16"],
+        help="precision on the CPU (default auto: bfloat16 where the CPU has AMX or AVX512-BF16)",
+    )
+    group.add_argument(
+        "--cpu-threads", type=int, metavar="N", help="threads for decode and inference together (default: all cores)"
+    )
+    group.add_argument("--decode-workers", type=int, metavar="N", help="decode threads (default: from the budget)")
 
 
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,6 +200,10 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "backbone.model": args.model,
         "backbone.device": args.device,
         "backbone.amp_dtype": args.amp_dtype,
+        "backbone.runtime": args.runtime,
+        "backbone.cpu_precision": args.cpu_precision,
+        "engine.cpu_threads": args.cpu_threads,
+        "decode.workers": args.decode_workers,
         "engine.batch_size": args.batch_size,
         "decode.resize": args.resize,
         "decode.pad": args.pad,

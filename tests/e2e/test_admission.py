@@ -35,17 +35,19 @@ def _outcome(future: Future[list[EmbedResult]]) -> str:
         return e.code.name
 
 
-def _fill_queue(server, images, pool: ThreadPoolExecutor):  # type: ignore[no-untyped-def]
+def _fill_queue(server, gated: GatedEngine, images, pool: ThreadPoolExecutor):  # type: ignore[no-untyped-def]
     """Submit enough slow calls (retried while refused) that the queue holds its 4 images; returns their futures.
 
     The pipeline also holds a running batch and a prepared one, hence 6 calls of 2 images for a queue of 4; those
-    that find no room even after their retries end RESOURCE_EXHAUSTED."""
+    that find no room even after their retries end RESOURCE_EXHAUSTED. A batch leaves the count once it is decoded,
+    so the queue is full for good only once a forward pass waits at the gate: nothing is taken from it after that."""
     filler = EmbedClient(server.target)
     futures = [pool.submit(filler.embed, images[2 * i : 2 * i + 2], timeout=120) for i in range(6)]
     batcher = server.server.batcher
-    deadline = time.monotonic() + 30
-    while batcher.queued < 4 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while not (gated.waiting.is_set() and batcher.queued >= 4) and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert gated.waiting.is_set(), "no forward pass reached the gate"
     assert batcher.queued >= 4, f"the queue never filled ({batcher.queued} queued)"
     return futures
 
@@ -56,8 +58,12 @@ class GatedEngine(SpyEngine):
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
         super().__init__(inner)
         self.gate = threading.Event()
+        self.waiting = threading.Event()
+        """Set once a forward pass waits at the closed gate."""
 
     def run(self, prepared):  # type: ignore[no-untyped-def]
+        if not self.gate.is_set():
+            self.waiting.set()
         self.gate.wait(timeout=120)
         return super().run(prepared)
 
@@ -74,7 +80,7 @@ def test_a_full_queue_refuses_embed_before_reading_the_request(start_server, eng
         client.model_info()
         gated.gate.clear()  # from now on no forward pass ends, so the queue, once full, stays full
         try:
-            futures = _fill_queue(server, oct_images, pool)
+            futures = _fill_queue(server, gated, oct_images, pool)
             assert _raw_embed(server.target, GARBAGE) == grpc.StatusCode.RESOURCE_EXHAUSTED  # never parsed
             with pytest.raises(RemoteError) as refused:
                 client.embed(oct_images[:1])

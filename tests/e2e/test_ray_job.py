@@ -62,9 +62,14 @@ class TwoNodes:
 def cluster() -> Iterator[TwoNodes]:
     nodes = TwoNodes()
     ray.init(address=nodes.cluster.address, logging_level="WARNING")
+    # Ray Data feeds the first actor that is up; a slow machine can finish the small tree on the head node before
+    # the worker node's actor has built its engine, and the tests below need both nodes to embed.
+    context = ray.data.DataContext.get_current()
+    wait_before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 240
     try:
         yield nodes
     finally:
+        context.wait_for_min_actors_s = wait_before
         ray.shutdown()
         nodes.cluster.shutdown()
 

@@ -230,3 +230,26 @@ def test_grpc_core_logging_defaults_to_errors_only() -> None:
     mine = {"GRPC_VERBOSITY": "DEBUG"}
     quiet_grpc_core(mine)
     assert mine == {"GRPC_VERBOSITY": "DEBUG"}
+
+
+@pytest.mark.parametrize("command", [["serve"], ["embed", "d", "--out", "o.parquet"]])
+def test_engine_flags_override_the_environment(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDSERVE_BACKBONE_RUNTIME", "torch")
+    monkeypatch.setenv("EMBEDSERVE_BACKBONE_CPU_PRECISION", "float32")
+    flags = ["--runtime", "openvino", "--cpu-precision", "bfloat16", "--cpu-threads", "3", "--decode-workers", "1"]
+    args = build_parser().parse_args([*command, *flags])
+    cfg = common.load(args, common.engine_overrides(args))
+    assert (cfg.backbone.runtime, cfg.backbone.cpu_precision) == ("openvino", "bfloat16")
+    assert (cfg.engine.cpu_threads, cfg.decode.workers) == (3, 1)
+    args = build_parser().parse_args(command)  # without the flags the environment's values hold
+    cfg = common.load(args, common.engine_overrides(args))
+    assert (cfg.backbone.runtime, cfg.backbone.cpu_precision) == ("torch", "float32")
+
+
+def test_engine_flags_that_cannot_go_together_are_a_usage_error() -> None:
+    args = build_parser().parse_args(["serve", "--runtime", "onnxruntime", "--cpu-precision", "bfloat16"])
+    with pytest.raises(ConfigError, match="needs runtime openvino or torch"):
+        common.load(args, common.engine_overrides(args))
+    with pytest.raises(SystemExit) as usage:
+        build_parser().parse_args(["serve", "--runtime", "tensorrt"])
+    assert usage.value.code == EXIT_USAGE
