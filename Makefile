@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.embedserve-installed
 ARGS ?=
 
-.PHONY: setup run test lint format embed-sample proto clean fuzz gpu-check
+.PHONY: setup run test lint format embed-sample proto buf buf-release clean fuzz gpu-check
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/embedserve serve $(ARGS)
 
-lint: setup
+lint: setup buf
 	$(BIN)/ruff check service kernels bench tests
 	$(BIN)/ruff format --check service kernels bench tests
 	$(BIN)/mypy
@@ -34,6 +34,29 @@ format: setup
 
 proto: setup
 	$(BIN)/python -m service.wire.protos
+
+# buf (pinned; npm's @bufbuild/buf brings the binary) into .tools/ when missing: `buf lint` (STANDARD, buf.yaml)
+# and `buf breaking` of protos/ against the released API, an image checked in as $(BUF_BASELINE).
+# Rolling the baseline at a release: `make buf-release` (rebuilds it from protos/) and commit it with the release
+# tag; from then on every change is checked against that release. Never roll it to get a breaking change past CI:
+# a breaking change is a new package (embedserve.v2).
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+BUF_STAMP := .tools/.buf-$(BUF_VERSION)
+BUF_BASELINE := protos/released/embedserve-v1.binpb
+
+$(BUF_STAMP):
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+	@$(BUF) --version
+	@touch $@
+
+buf: $(BUF_STAMP)
+	$(BUF) lint
+	$(BUF) breaking protos --against $(BUF_BASELINE)
+
+buf-release: $(BUF_STAMP)
+	$(BUF) lint
+	$(BUF) build --exclude-source-info -o $(BUF_BASELINE)
 
 # Long mutation fuzzing of decode (the harness of tests/unit/embedding/test_decode_fuzz.py): make fuzz SECONDS=1800
 SECONDS ?= 1800
@@ -49,4 +72,4 @@ embed-sample: setup
 	$(BIN)/embedserve embed tests/data/oct-sample --out var/oct-sample.parquet
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools .mypy_cache .pytest_cache .ruff_cache

@@ -13,10 +13,15 @@ soon as it ends, so a timeout still leaves everything before it):
 4. `vision_9606`: the pytorch/vision#9606 replay: freed tensors still read by queued kernels, then a GPU JPEG
    decode; corrupted reductions counted for raw `torchvision.io.decode_jpeg` and for `TorchvisionDecoder`.
 5. `engine_decode`: the engine on the OCT sample with the torchvision GPU decoder vs the CPU path (cosine >= 0.99),
-   and images/s.
+   and images/s; the preprocess kernel's warm-up launches; `embed_iter` (prepare threads on their own CUDA streams,
+   overlapping the forward pass) against one-by-one `embed` on the same engine (cosine >= 0.9999), and the streams
+   that made.
 6. `backbone_amp`: EfficientNet-Lite0 fp32 vs AMP fp16 / bf16 at batch 64 and 256: cosine and images/s.
 7. `cluster`: torch k-means++ seeding time at 84,484 x 1280, k = 1000, and torch DBSCAN peak memory vs its budget.
-8. `faiss_gpu`, `dali`: when those packages are present (carried wheels), k > 2048 routed off faiss-gpu and two
+8. `bench_vectors`: `bench run`'s GPU stages at 20,000 x 1280: the preprocess stage after its warm-up, the kNN graph
+   on the torch top-k (and faiss-gpu), K-means k = 4 / 100 / 1000 and DBSCAN on torch (and cuML), with the variants
+   that cannot run listed and why.
+9. `faiss_gpu`, `dali`: when those packages are present (carried wheels), k > 2048 routed off faiss-gpu and two
    threads on the DALI decoder.
 
 Packages the lent machine lacks travel as wheels in `wheels/` (repository root, or `--wheels DIR`): they are
@@ -54,6 +59,7 @@ SECTIONS = (
     "engine_decode",
     "backbone_amp",
     "cluster",
+    "bench_vectors",
     "faiss_gpu",
     "dali",
 )
@@ -340,6 +346,9 @@ def section_engine_decode(check: Check) -> dict[str, Any]:
             t0 = time.perf_counter()
             outcomes = engine.embed(batch)
             seconds = time.perf_counter() - t0
+            if label == "gpu":
+                out["preprocess_warmup_launches"] = engine.warm_preprocess()
+                out |= _pipelined(engine, batch, outcomes)
         finally:
             engine.close()
         bad = [o.error.message for o in outcomes if o.error is not None]
@@ -352,6 +361,40 @@ def section_engine_decode(check: Check) -> dict[str, Any]:
     if cosine.min() < 0.99:
         raise RuntimeError(f"GPU vs CPU embeddings: min cosine {cosine.min():.4f} < 0.99")
     return out
+
+
+class _Bytes:
+    """An `embed_iter` item holding its bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def load(self) -> bytes:
+        return self.data
+
+
+def _pipelined(engine: Any, data: list[bytes], sequential: list[Any]) -> dict[str, Any]:
+    """`embed_iter` (prepare threads ahead of the forward pass, each on its own stream) vs `embed` on `data`."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    embedded = list(engine.embed_iter(_Bytes(d) for d in data))
+    seconds = time.perf_counter() - t0
+    bad = [e.outcome.error.message for e in embedded if e.outcome.error is not None]
+    if bad:
+        raise RuntimeError(f"embed_iter: {len(bad)} images failed, first: {bad[0]}")
+    got = np.stack([e.outcome.vector for e in embedded])
+    want = np.stack([o.vector for o in sequential])
+    cosine = (got * want).sum(axis=1)
+    if cosine.min() < 0.9999:
+        raise RuntimeError(f"embed_iter vs embed on one engine: min cosine {cosine.min():.6f} < 0.9999 (stream race?)")
+    return {
+        "pipelined_images_per_s": round(len(data) / seconds, 1),
+        "pipelined_cosine_min_vs_sequential": float(cosine.min()),
+        "cuda_streams": engine._streams.created,
+    }
 
 
 def section_backbone_amp(check: Check) -> dict[str, Any]:
@@ -432,6 +475,34 @@ def section_cluster(check: Check) -> dict[str, Any]:
     return out
 
 
+def section_bench_vectors(check: Check) -> dict[str, Any]:
+    _need_cuda(check)
+    import dataclasses
+
+    import numpy as np
+
+    from bench import vectors as bv
+    from bench.run import bench_preprocess
+
+    dev = check.device
+    n, d, limit = (400, 32, 400) if check.dry_run else (20_000, 1280, 10_000)
+    x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    plans = [[v for v in plan if v.device == "cuda"] for plan in (bv.knn_plan(dev, n), bv.cluster_plan(dev, n))]
+    if check.dry_run:  # the torch variants' code on CPU tensors; the rest stays skipped
+        on_cpu = functools.partial(dataclasses.replace, device="cpu", skip="")
+        plans = [[on_cpu(v) if v.backend == "torch" else v for v in p] for p in plans]
+    knn_plan, cluster_plan = plans
+    preprocess = bench_preprocess(_oct_jpegs(8 if check.dry_run else 32) * (1 if check.dry_run else 8), dev, 64)
+    stages = [preprocess, *bv.bench_knn(x, knn_plan, baseline=False)]
+    stages += bv.bench_clustering(x, limit, cluster_plan, baseline=False)
+    rows = [
+        {"stage": s.name, "value": round(s.value, 4), "unit": s.unit, "peak_gpu_bytes": s.peak_gpu_bytes, **s.details}
+        for s in stages
+    ]
+    return {"n": n, "d": d, "stages": rows, "skipped": bv.skipped(knn_plan) + bv.skipped(cluster_plan)}
+
+
 def section_faiss_gpu(check: Check) -> dict[str, Any]:
     if importlib.util.find_spec("faiss") is None:
         raise SkipSection("faiss is not installed (carry faiss-gpu wheels in wheels/)")
@@ -503,6 +574,7 @@ _FUNCTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "engine_decode": section_engine_decode,
     "backbone_amp": section_backbone_amp,
     "cluster": section_cluster,
+    "bench_vectors": section_bench_vectors,
     "faiss_gpu": section_faiss_gpu,
     "dali": section_dali,
 }

@@ -56,19 +56,25 @@ def contingency(truth: Sequence[str], labels: np.ndarray) -> Contingency:
     return Contingency(clusters=clusters, classes=classes, counts=counts)
 
 
-def hungarian_accuracy(truth: Sequence[str], labels: np.ndarray) -> float:
-    """Accuracy under the best one-to-one matching of clusters to classes (noise and unmatched clusters count wrong)."""
+def hungarian_matching(table: Contingency) -> list[tuple[int, int]]:
+    """The one-to-one matching of clusters to classes that covers the most items: (row, column) indices into
+    `table.counts`, sorted by row. The noise row is never matched; with more clusters than classes (or fewer)
+    the surplus stays unmatched."""
     from scipy.optimize import linear_sum_assignment
 
+    keep = [i for i, c in enumerate(table.clusters) if c != NOISE]
+    if not keep or not table.classes:
+        return []
+    rows, cols = linear_sum_assignment(table.counts[keep], maximize=True)
+    return [(keep[r], int(c)) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
+
+
+def hungarian_accuracy(truth: Sequence[str], labels: np.ndarray) -> float:
+    """Accuracy under the best one-to-one matching of clusters to classes (noise and unmatched clusters count wrong)."""
     if len(truth) == 0:
         return 0.0
     table = contingency(truth, labels)
-    keep = [i for i, c in enumerate(table.clusters) if c != NOISE]
-    counts = table.counts[keep]
-    if counts.size == 0:
-        return 0.0
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return float(counts[rows, cols].sum() / len(truth))
+    return float(sum(int(table.counts[r, c]) for r, c in hungarian_matching(table)) / len(truth))
 
 
 def purity(truth: Sequence[str], labels: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""The `embedserve.v1.Clusterer` servicer: Cluster, Probe, Filter and Outliers over the vectors of a stored collection.
+"""The `embedserve.v1.ClustererService` servicer: Cluster, Probe, Filter and Outliers over the vectors of a stored
+collection.
 
     add_clusterer(grpc_server, embed_server)    # registers ClustererServicer over embed_server.index
 
@@ -26,8 +27,8 @@ from service.wire import convert
 from service.wire._proto.embedserve.v1 import cluster_pb2 as cpb
 from service.wire._proto.embedserve.v1 import cluster_pb2_grpc as cpb_grpc
 
-SERVICE_NAME: str = cpb.DESCRIPTOR.services_by_name["Clusterer"].full_name
-"""`embedserve.v1.Clusterer` (for reflection and health)."""
+SERVICE_NAME: str = cpb.DESCRIPTOR.services_by_name["ClustererService"].full_name
+"""`embedserve.v1.ClustererService` (for reflection and health)."""
 
 T = TypeVar("T")
 
@@ -51,8 +52,9 @@ def request_from_params(
     return convert.cluster_query_to_proto(query)
 
 
-class ClustererServicer(cpb_grpc.ClustererServicer):
-    """Serves `embedserve.v1.Clusterer` from a vector store; at most `max_concurrent` runs at once (others wait)."""
+class ClustererServicer(cpb_grpc.ClustererServiceServicer):
+    """Serves `embedserve.v1.ClustererService` from a vector store; at most `max_concurrent` runs at once (others
+    wait)."""
 
     def __init__(
         self,
@@ -131,5 +133,5 @@ def add_clusterer(grpc_server: grpc.aio.Server, embed_server: Any, *, max_concur
     observe = getattr(getattr(embed_server, "metrics", None), "observe_cluster", None)
     gate = getattr(embed_server, "gate", None)
     servicer = ClustererServicer(_ServerIndex(embed_server), max_concurrent=max_concurrent, observe=observe, gate=gate)
-    cpb_grpc.add_ClustererServicer_to_server(servicer, grpc_server)
+    cpb_grpc.add_ClustererServiceServicer_to_server(servicer, grpc_server)
     return servicer

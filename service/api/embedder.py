@@ -1,4 +1,4 @@
-"""The `embedserve.v1.Embedder` servicer: Embed, EmbedStream, Neighbors, GetModelInfo and the index operations.
+"""The `embedserve.v1.EmbedderService` servicer: Embed, EmbedStream, Neighbors, GetModelInfo and the index operations.
 
 Transport only: each method converts the request (`service.wire.convert`), calls a use case (`service.app`) and
 converts the result back. Drain accounting and the mapping of errors to status codes are the decorators of
@@ -25,8 +25,8 @@ from service.wire import convert
 from service.wire._proto.embedserve.v1 import embedder_pb2 as pb
 from service.wire._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc
 
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
-"""`embedserve.v1.Embedder`."""
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["EmbedderService"].full_name
+"""`embedserve.v1.EmbedderService`."""
 
 STREAM_WINDOW = 4
 """Requests of one EmbedStream in the batcher at once; the server reads no further until the oldest is answered."""
@@ -38,8 +38,8 @@ PAGE_SIZE = 1024
 """Items per `ListItems` page when the request says 0."""
 
 
-class EmbedderServicer(pb_grpc.EmbedderServicer):
-    """`embedserve.v1.Embedder` over the embedding and neighbours use cases and the index."""
+class EmbedderServicer(pb_grpc.EmbedderServiceServicer):
+    """`embedserve.v1.EmbedderService` over the embedding and neighbours use cases and the index."""
 
     def __init__(self, cfg: Config, index: IndexStore, metrics: Metrics | None = None, *, gate: CallGate) -> None:
         self.index = index
@@ -62,19 +62,21 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         batch = convert.embed_batch_from_proto(request)
         self.embedding.validate(batch)
-        return await self._embed(batch, context, wait=False)
-
-    async def _embed(self, batch: EmbedBatch, context: grpc.aio.ServicerContext, *, wait: bool) -> pb.EmbedResponse:
-        outcomes = await self.embedding.embed(batch, timeout=context.time_remaining(), wait=wait)
+        outcomes = await self.embedding.embed(batch, timeout=context.time_remaining(), wait=False)
         return convert.embed_response_to_proto(batch, outcomes, self.embedding.model_info().embedding_dim)
+
+    async def _embed_streamed(self, batch: EmbedBatch, context: grpc.aio.ServicerContext) -> pb.EmbedStreamResponse:
+        """One request of an EmbedStream: a full queue is waited on, not refused."""
+        outcomes = await self.embedding.embed(batch, timeout=context.time_remaining(), wait=True)
+        return convert.embed_stream_response_to_proto(batch, outcomes, self.embedding.model_info().embedding_dim)
 
     @stream_rpc
     async def EmbedStream(  # gRPC method names
-        self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EmbedResponse]:
+        self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EmbedStreamResponse]:
         # A reader task feeds a bounded queue of per-request tasks; this generator answers them in order. When the
         # queue is full the reader stops reading, and gRPC flow control holds the client back.
-        window: asyncio.Queue[asyncio.Future[pb.EmbedResponse] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+        window: asyncio.Queue[asyncio.Future[pb.EmbedStreamResponse] | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
         reader = asyncio.create_task(self._read_stream(request_iterator, context, window))
         try:
             while (next_response := await window.get()) is not None:
@@ -88,28 +90,28 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     async def _read_stream(
         self,
-        request_iterator: AsyncIterator[pb.EmbedRequest],
+        request_iterator: AsyncIterator[pb.EmbedStreamRequest],
         context: grpc.aio.ServicerContext,
-        window: asyncio.Queue[asyncio.Future[pb.EmbedResponse] | None],
+        window: asyncio.Queue[asyncio.Future[pb.EmbedStreamResponse] | None],
     ) -> None:
         messages = aiter(request_iterator)
         try:
             while (request := await self._next_request(messages)) is not None:
                 batch = convert.embed_batch_from_proto(request)
                 self.embedding.validate(batch)
-                task = asyncio.create_task(self._embed(batch, context, wait=True))
+                task = asyncio.create_task(self._embed_streamed(batch, context))
                 task.add_done_callback(_retrieve)
                 await window.put(task)
         except Exception as e:
             # Reported in order, after the responses to the requests before it.
-            failed: asyncio.Future[pb.EmbedResponse] = asyncio.get_running_loop().create_future()
+            failed: asyncio.Future[pb.EmbedStreamResponse] = asyncio.get_running_loop().create_future()
             failed.set_exception(e)
             failed.add_done_callback(_retrieve)
             await window.put(failed)
             return
         await window.put(None)
 
-    async def _next_request(self, messages: AsyncIterator[pb.EmbedRequest]) -> pb.EmbedRequest | None:
+    async def _next_request(self, messages: AsyncIterator[pb.EmbedStreamRequest]) -> pb.EmbedStreamRequest | None:
         """The stream's next request (None at its end); once the server drains, EngineUnavailableError instead.
 
         A drain stops the reading at once, also while the client is between requests: the requests already read are
@@ -133,8 +135,10 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             return None
 
     @unary_rpc
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return convert.model_info_to_proto(self.embedding.model_info())
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        return pb.GetModelInfoResponse(model_info=convert.model_info_to_proto(self.embedding.model_info()))
 
     # -- index RPCs ----------------------------------------------------------------------------------------------
 
@@ -156,7 +160,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     @stream_rpc
     async def ListItems(
         self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ItemsPage]:
+    ) -> AsyncIterator[pb.ListItemsResponse]:
         name = request.collection or DEFAULT_COLLECTION
         items = await self.threads.run(self.index.fetch, name, list(request.keys) or None)
         pages = convert.items_pages_to_proto(
@@ -168,9 +172,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     @unary_rpc
     async def GetCollectionInfo(
         self, request: pb.GetCollectionInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CollectionInfo:
+    ) -> pb.GetCollectionInfoResponse:
         info = await self.threads.run(self.index.info, request.collection or DEFAULT_COLLECTION)
-        return convert.collection_info_to_proto(info)
+        return pb.GetCollectionInfoResponse(collection=convert.collection_info_to_proto(info))
 
     @unary_rpc
     async def ListCollections(
@@ -182,11 +186,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     @unary_rpc
     async def CreateCollection(
         self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CollectionInfo:
+    ) -> pb.CreateCollectionResponse:
         info = await self.embedding.create_collection(
             request.name, dim=request.dim, metric=request.metric, index_type=request.index_type
         )
-        return convert.collection_info_to_proto(info)
+        return pb.CreateCollectionResponse(collection=convert.collection_info_to_proto(info))
 
     @unary_rpc
     async def DropCollection(

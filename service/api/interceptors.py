@@ -244,7 +244,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, methods: Collection[str], check: AdmissionCheck | None = None) -> None:
         self.methods = frozenset(methods)
-        """Full method names (`/embedserve.v1.Embedder/Embed`) that are checked."""
+        """Full method names (`/embedserve.v1.EmbedderService/Embed`) that are checked."""
         self.check = check
 
     async def intercept_service(

@@ -1,4 +1,5 @@
-"""The gRPC server: `embedserve.v1.Embedder`, standard health, reflection, auth, metrics, graceful shutdown.
+"""The gRPC server: `embedserve.v1.EmbedderService`, standard health, reflection (v1 and v1alpha), auth, metrics,
+graceful shutdown.
 
     server, port = await create_server(cfg)      # binds (port 0 picks a free one), opens the index in cfg.data_dir;
     await server.start()                         # the engine is built on start()
@@ -11,8 +12,9 @@ as `embed_server.index`, the metrics as `embed_server.metrics` and the drain acc
 
 `run_server(cfg)` does all of it in the foreground until SIGTERM or SIGINT and returns the exit code.
 
-The servicers are `service.api.embedder` and `service.api.clusterer`; the interceptors (request ids, metrics, auth)
-`service.api.interceptors`; errors become status codes in `service.api.errors`. The server never touches a tensor.
+The servicers are `service.api.embedder` and `service.api.clusterer`, reflection `service.api.reflection`; the
+interceptors (request ids, metrics, auth) `service.api.interceptors`; errors become status codes in
+`service.api.errors`. The server never touches a tensor.
 """
 
 from __future__ import annotations
@@ -29,22 +31,18 @@ from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service.api.embedder import SERVICE_NAME, STREAM_WINDOW, EmbedderServicer
 from service.api.errors import CallGate
 from service.api.interceptors import AdmissionInterceptor, AuthInterceptor, ObserveInterceptor
+from service.api.reflection import SERVICE_NAMES as REFLECTION_SERVICES
+from service.api.reflection import enable_reflection
 from service.config import Config
+from service.devices import cuda_device_memory_probe, cuda_memory_probe, nvml_utilization_probe
 from service.embedding.batcher import BatchEngine, Batcher
 from service.errors import ConfigError, EmbedServeError
 from service.index.store import IndexStore
-from service.metrics import (
-    Metrics,
-    MetricsEndpoint,
-    cuda_device_memory_probe,
-    cuda_memory_probe,
-    nvml_utilization_probe,
-)
+from service.metrics import Metrics, MetricsEndpoint
 from service.types import ModelInfo
 from service.wire._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc
 
@@ -62,7 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_KNOWN_SERVICES = frozenset({SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME})
+_KNOWN_SERVICES = frozenset({SERVICE_NAME, health.SERVICE_NAME, *REFLECTION_SERVICES})
 
 EXIT_CANNOT_START = 2
 """`run_server`'s exit code when the server cannot start: a port in use, a data directory in use, a bad setting."""
@@ -325,13 +323,13 @@ async def create_server(
     metrics.track_index(index.counts)
     metrics.track_wal(index.log_stats)
     servicer = EmbedderServicer(cfg, index, metrics, gate=CallGate())
-    pb_grpc.add_EmbedderServicer_to_server(servicer, grpc_server)
+    pb_grpc.add_EmbedderServiceServicer_to_server(servicer, grpc_server)
     health_servicer = health.aio.HealthServicer()
     service_names = (SERVICE_NAME, *extra_service_names)
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(sorted(known_services), grpc_server)
+    enable_reflection(known_services, grpc_server)
 
     try:
         if s.tls_cert:

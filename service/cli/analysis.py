@@ -4,7 +4,7 @@
     embedserve cluster --server localhost:50051 --collection oct --algorithm dbscan --ground-truth label
     embedserve probe --parquet oct.parquet --target label --group-pattern '[A-Z]-(\\d+)-'
     embedserve filter --parquet oct.parquet --examples DRUSEN/DRUSEN-9800172-2.jpeg DRUSEN/DRUSEN-9837663-1.jpeg
-    embedserve report --parquet oct.parquet --ground-truth label --out report.html
+    embedserve report --parquet oct.parquet --k 4 --ground-truth label --out report.html
 
 `register(subparsers, common)` adds them to the `embedserve` parser (`common` carries --log-level/--config).
 """
@@ -275,13 +275,67 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _server_labels(args: argparse.Namespace) -> FetchedItems:
+    """For `probe --server --features raw`: the keys with their `path`, target (and --group) attributes, no vectors.
+
+    The Cluster call with details is what returns paths and attribute values; its clustering itself is not used.
+    """
+    from service.analysis.cluster import ClusterParams
+
+    wanted = [args.target] + ([args.group] if args.group else [])
+    attributes: list[dict[str, str]] = []
+    keys: list[str] = []
+    with _client(args) as client:
+        for name in wanted:
+            r = client.cluster(
+                args.collection,
+                ClusterParams(k=2, n_init=1),
+                keys=_keys_filter(args),
+                ground_truth_attribute=name,
+                include_details=True,
+            )
+            if not attributes:
+                keys = list(r.keys)
+                paths = r.paths or [""] * len(keys)
+                attributes = [{"path": p} for p in paths]
+            values = dict(zip(r.keys, r.truth or [""] * len(r.keys), strict=True))
+            for key, a in zip(keys, attributes, strict=True):
+                a[name] = values.get(key, "")
+    return FetchedItems(keys, np.zeros((len(keys), 0), np.float32), attributes)
+
+
+def _image_paths(items: FetchedItems, args: argparse.Namespace) -> list[str]:
+    """Where `--features raw` reads each image: DIR/key with `--image-dir DIR`, else the item's `path`."""
+    if args.image_dir:
+        root = Path(args.image_dir)
+        if not root.is_dir():
+            raise UsageError(f"--image-dir {root} is not a directory; give the directory that `embed` walked")
+        return [str(root / key) for key in items.keys]
+    paths = [a.get("path", "") for a in items.attributes]
+    if not all(paths):
+        raise UsageError(
+            "--features raw needs the path of every image: these items have no `path`; pass --image-dir DIR, "
+            "the directory given to `embed` (the keys are paths relative to it)"
+        )
+    missing = next((path for path in paths if not Path(path).is_file()), None)
+    if missing is not None:
+        raise UsageError(
+            f"--features raw cannot read {missing}: there is no such file here; pass --image-dir DIR, the directory "
+            "given to `embed` (the keys are paths relative to it)"
+        )
+    return paths
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     _check_source(args)
-    if args.server and args.features == "raw":
-        raise UsageError("probe --features raw reads the images: use --parquet (its `path` column) for it")
-    if args.server:
+    if args.image_dir and args.features != "raw":
+        raise UsageError("--image-dir is where --features raw reads the images: add --features raw")
+    if args.server and args.features == "embedding":
         if args.group_pattern:
-            raise UsageError("--group-pattern works on --parquet; against a server, store the group as an attribute")
+            raise UsageError(
+                "--group-pattern works on --parquet (or with --features raw); against a server, store the group as an "
+                "attribute and pass --group"
+            )
         with _client(args) as client:
             result = client.probe(
                 args.collection,
@@ -294,9 +348,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 seed=args.seed,
             )
     else:
-        items = _local_items(args)
+        items = _server_labels(args) if args.server else _local_items(args)
         if args.features == "raw":
-            raw = _raw_features([a.get("path", "") for a in items.attributes], args)
+            raw = _raw_features(_image_paths(items, args), args)
             items = FetchedItems(items.keys, raw, items.attributes)
         groups, group_name = None, None
         if args.group_pattern and not args.group:
@@ -309,7 +363,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 groups.append(m.group(1) if m.groups() else m.group(0))
             group_name = f"pattern {args.group_pattern}"
         query = ProbeQuery(
-            collection=args.parquet,
+            collection=args.parquet or args.collection,
             target_attribute=args.target,
             group_attribute=args.group or "",
             classifier=args.classifier,
@@ -446,10 +500,40 @@ def cmd_outliers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report_provenance(args: argparse.Namespace) -> Any:
+    """What the report's header says about the vectors: the Parquet file's metadata, or the server's model."""
+    from service.analysis.report import Provenance
+
+    if args.features == "raw":
+        pca = f"PCA to {args.raw_pca}" if args.raw_pca else "all pixels"
+        features = f"raw pixels ({args.raw_size}x{args.raw_size} grayscale, {pca})"
+    else:
+        features = "embedding"
+    if args.parquet:
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_schema(args.parquet).metadata
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read {args.parquet}: {e}") from e
+        return Provenance.from_parquet_metadata(meta, source=str(args.parquet), features=features)
+    from service.client import EmbedClient, RemoteError
+
+    source = f"collection {args.collection} on {args.server}"
+    try:
+        with EmbedClient(args.server, timeout=args.timeout, **connection(args)) as client:
+            info = client.model_info()
+    except RemoteError as e:
+        print(f"warning: no model info from {args.server} for the report's header: {e}", file=sys.stderr)
+        return Provenance(source=source, features=features)
+    return Provenance.from_model_info(info, source=f"{source} (model: the server's)", features=features)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from service.analysis.report import write_report
 
     data = run_clustering(args, details=True)
+    data.provenance = _report_provenance(args)
     path = write_report(data, args.out, per_cluster=args.exemplars)
     print(f"wrote {path} ({len(data.keys)} items, {data.algorithm} on {data.backend})", file=sys.stderr)
     return EXIT_OK
@@ -476,10 +560,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--features",
         default="embedding",
         choices=["embedding", "raw"],
-        help="probe the embeddings or flattened grayscale pixels (the studies' baseline; needs readable paths)",
+        help="probe the embeddings or flattened grayscale pixels (the studies' baseline; reads the images: their "
+        "`path`, or --image-dir; with --server the probe then runs here)",
     )
     p.add_argument("--raw-size", type=int, default=64, help="raw features: side of the downscaled image (default 64)")
     p.add_argument("--raw-pca", type=int, default=0, help="raw features: PCA dimensions (default 0 = all pixels)")
+    p.add_argument(
+        "--image-dir",
+        help="raw features: read each image as DIR/KEY (the directory given to `embed`) instead of its `path`; "
+        "with --server, the paths the server stored may not exist here",
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_probe)
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 import service
-from service.cli import analysis, bench, embed, index, serve
+from service.cli import analysis, bench, compare, embed, index, serve
 from service.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, exit_code
 from service.cli.logs import quiet_grpc_core, resolve, setup_logging
 from service.errors import EmbedServeError
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_commands(sub, common)
     bench.add_commands(sub, common)
     analysis.register(sub, common)
+    compare.add_commands(sub, common)
     return parser
 
 

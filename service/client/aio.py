@@ -1,4 +1,4 @@
-"""The asyncio client of `embedserve.v1.Embedder`: the methods of `EmbedClient`, awaited.
+"""The asyncio client of `embedserve.v1.EmbedderService`: the methods of `EmbedClient`, awaited.
 
 async with AsyncEmbedClient("127.0.0.1:50051") as client:
     results = await client.embed([("scan-1", jpeg_bytes)])
@@ -35,7 +35,7 @@ class AsyncEmbedClient:
         self.channel, self.metadata, self.timeout = connect(
             target, options, timeout=300.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, aio=True
         )
-        self.stub = pb_grpc.EmbedderStub(self.channel)
+        self.stub = pb_grpc.EmbedderServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     async def _run(self, call: calls.Call[R], timeout: float | None) -> R:
@@ -102,13 +102,13 @@ class AsyncEmbedClient:
     ) -> AsyncIterator[list[EmbedResult]]:
         """See `EmbedClient.embed_stream`; `batches` may also be an async iterable."""
 
-        async def requests() -> AsyncIterator[pb.EmbedRequest]:
+        async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
             if isinstance(batches, AsyncIterable):
                 async for batch in batches:
-                    yield calls.embed_request(batch, dtype=dtype)
+                    yield calls.embed_stream_request(batch, dtype=dtype)
             else:
                 for batch in batches:
-                    yield calls.embed_request(batch, dtype=dtype)
+                    yield calls.embed_stream_request(batch, dtype=dtype)
 
         call = self.stub.EmbedStream(requests(), timeout=timeout, metadata=self.metadata)
         try:

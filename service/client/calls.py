@@ -1,4 +1,4 @@
-"""The calls of the Embedder API, built once for the sync and the async client.
+"""The calls of the `embedserve.v1.EmbedderService` API, built once for the sync and the async client.
 
 Each function returns a `Call`: the stub method's name, the request message (built by `service.wire.convert`) and
 the function that turns the response into records. `EmbedClient` runs a call blocking, `AsyncEmbedClient` awaits
@@ -52,26 +52,30 @@ def image_data(image: ImageInput) -> ImageData:
     return ImageData(image[0], image[1], dict(attributes))
 
 
-def embed_request(
+def embed_batch(
     images: Iterable[ImageInput],
     *,
     dtype: VectorDType = "float32",
     return_vectors: bool = True,
     store: bool = False,
     collection: str = "",
-) -> pb.EmbedRequest:
-    """The `EmbedRequest` for (key, bytes[, attributes]) tuples."""
-    batch = EmbedBatch(
+) -> EmbedBatch:
+    """The `EmbedBatch` of (key, bytes[, attributes]) tuples."""
+    return EmbedBatch(
         images=[image_data(image) for image in images],
         dtype=dtype,
         return_vectors=return_vectors,
         store=store,
         collection=collection,
     )
-    return convert.embed_batch_to_proto(batch)
 
 
-def parse_embed(response: pb.EmbedResponse) -> list[EmbedResult]:
+def embed_stream_request(images: Iterable[ImageInput], *, dtype: VectorDType = "float32") -> pb.EmbedStreamRequest:
+    """One `EmbedStreamRequest` for (key, bytes[, attributes]) tuples."""
+    return convert.embed_batch_to_stream_proto(embed_batch(images, dtype=dtype))
+
+
+def parse_embed(response: pb.EmbedResponse | pb.EmbedStreamResponse) -> list[EmbedResult]:
     """`EmbedResult`s of a response; a vector that does not match its dimension is DATA_LOSS."""
     try:
         return convert.embed_results_from_proto(response)
@@ -80,7 +84,7 @@ def parse_embed(response: pb.EmbedResponse) -> list[EmbedResult]:
 
 
 def embed(images: Sequence[ImageInput], **options: Any) -> Call[list[EmbedResult]]:
-    return Call("Embed", embed_request(images, **options), parse_embed)
+    return Call("Embed", convert.embed_batch_to_proto(embed_batch(images, **options)), parse_embed)
 
 
 def neighbors(
@@ -106,7 +110,7 @@ def list_items_request(
 
 def collection_info(collection: str) -> Call[CollectionInfo]:
     request = pb.GetCollectionInfoRequest(collection=collection)
-    return Call("GetCollectionInfo", request, convert.collection_info_from_proto)
+    return Call("GetCollectionInfo", request, lambda r: convert.collection_info_from_proto(r.collection))
 
 
 def list_collections() -> Call[list[CollectionInfo]]:
@@ -119,7 +123,7 @@ def list_collections() -> Call[list[CollectionInfo]]:
 
 def create_collection(name: str, *, dim: int, metric: str, index_type: str) -> Call[CollectionInfo]:
     request = pb.CreateCollectionRequest(name=name, dim=dim, metric=metric, index_type=index_type)
-    return Call("CreateCollection", request, convert.collection_info_from_proto)
+    return Call("CreateCollection", request, lambda r: convert.collection_info_from_proto(r.collection))
 
 
 def drop_collection(name: str) -> Call[None]:
@@ -127,7 +131,7 @@ def drop_collection(name: str) -> Call[None]:
 
 
 def model_info() -> Call[ModelInfo]:
-    return Call("GetModelInfo", pb.GetModelInfoRequest(), convert.model_info_from_proto)
+    return Call("GetModelInfo", pb.GetModelInfoRequest(), lambda r: convert.model_info_from_proto(r.model_info))
 
 
 def merge_pages(pages: Sequence[FetchedItems]) -> FetchedItems:

@@ -1,4 +1,4 @@
-"""Blocking client of `embedserve.v1.Clusterer`: Cluster, Probe and Filter, returning records, not messages.
+"""Blocking client of `embedserve.v1.ClustererService`: Cluster, Probe and Filter, returning records, not messages.
 
 with ClusterClient("host:port", token=...) as client:
     clustering = client.cluster("oct", ClusterParams(k=4), ground_truth_attribute="label")
@@ -48,7 +48,7 @@ class ClusterClient:
         self.channel, self.metadata, self.timeout = connect(
             target, options, timeout=600.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES
         )
-        self.stub = cpb_grpc.ClustererStub(self.channel)
+        self.stub = cpb_grpc.ClustererServiceStub(self.channel)
 
     def wait_until_serving(self, timeout: float = 120.0, *, on_wait: WaitNotice | None = None) -> None:
         """Block until health says SERVING; see `EmbedClient.wait_until_serving`."""

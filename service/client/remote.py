@@ -102,14 +102,14 @@ class RemoteEmbedder:
             self.client.wait_until_serving(wait, on_wait=on_wait)
         self.info: ModelInfo = self.client.model_info()
 
-    def _request(self, chunk: _Chunk) -> pb.EmbedRequest:
+    def _request(self, chunk: _Chunk) -> pb.EmbedStreamRequest:
         images = [
             ImageData(item.key, data, _attributes(item) if self.store else {})
             for item, data in zip(chunk.items, chunk.loaded, strict=True)
             if not isinstance(data, ImageError)
         ]
         batch = EmbedBatch(images=images, dtype=self.dtype, store=self.store, collection=self.collection)
-        return convert.embed_batch_to_proto(batch)
+        return convert.embed_batch_to_stream_proto(batch)
 
     def embed_iter(self, items: Iterable[ItemT]) -> Iterator[Embedded[ItemT]]:
         """Yield every item with its outcome, in input order (unreadable items carry their load error)."""
@@ -146,7 +146,7 @@ class RemoteEmbedder:
         stop = threading.Event()
         resend = list(unanswered)
 
-        def requests() -> Iterator[pb.EmbedRequest]:
+        def requests() -> Iterator[pb.EmbedStreamRequest]:
             for chunk in resend:
                 slots.acquire()
                 if stop.is_set():

@@ -1,4 +1,4 @@
-"""The blocking client of `embedserve.v1.Embedder`.
+"""The blocking client of `embedserve.v1.EmbedderService`.
 
     with EmbedClient("127.0.0.1:50051") as client:
         results = client.embed([("scan-1", jpeg_bytes)])
@@ -59,7 +59,7 @@ class EmbedClient:
         self.channel, self.metadata, self.timeout = connect(
             target, options, timeout=300.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES
         )
-        self.stub = pb_grpc.EmbedderStub(self.channel)
+        self.stub = pb_grpc.EmbedderServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def _run(self, call: calls.Call[R], timeout: float | None) -> R:
@@ -161,7 +161,7 @@ class EmbedClient:
 
         `timeout` (default none) bounds the whole stream. gRPC flow control limits how far it reads ahead.
         """
-        requests = (calls.embed_request(batch, dtype=dtype) for batch in batches)
+        requests = (calls.embed_stream_request(batch, dtype=dtype) for batch in batches)
         call = self.stub.EmbedStream(requests, timeout=timeout, metadata=self.metadata)
         yield from self._stream(call, calls.parse_embed)
 

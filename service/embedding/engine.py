@@ -8,6 +8,15 @@ Two stages, so callers can overlap them:
 - `prepare(datas)`: decode and preprocess (CPU-heavy, thread-safe, runs on decode workers);
 - `run(prepared)`: the forward pass and normalisation (call from one owner thread).
 `embed` does both for one list; `embed_iter` pipelines a stream, decoding ahead while the model runs.
+
+On a GPU each thread queues its work on its own CUDA stream (`service.devices.ThreadStreams`): the nvJPEG / DALI
+decode and the preprocess kernel of the next batch overlap the forward pass of this one. `prepare` returns once its
+stream has finished the batch (its thread waits on an event; the GPU does not stop), so a prepared batch can be read
+from any thread; `run` makes its stream wait for the default stream and marks the batch as in use on its stream.
+
+The warm-up (`backbone.warmup`) runs the model at batch sizes 1 and 8 and launches the preprocess kernel for the
+configured size, resize policy and pad (`kernels.preprocess.warmup`), so neither cuDNN's algorithm search nor
+Triton's compile lands on the first request.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ import torch
 import service
 from kernels.normalize import l2_normalize
 from kernels.preprocess import preprocess_batch
+from kernels.preprocess import warmup as warm_preprocess
 from service.config import Config
+from service.devices import ThreadStreams
 from service.embedding.backbone import Backbone, resolve_device
 from service.embedding.decode import DecodeOutcome, Decoder, create_decoder, image_error, probe
 from service.embedding.faults import is_fatal
@@ -93,6 +104,8 @@ class Engine:
             max_workers=cfg.engine.prefetch_batches, thread_name_prefix="embedserve-prepare"
         )
         self._forward_lock = threading.Lock()
+        self._streams = ThreadStreams(backbone.device)
+        """A CUDA stream per thread that prepares or runs batches (nothing on the CPU)."""
         spec = backbone.spec
         self.info = ModelInfo(
             backbone=spec.name,
@@ -140,9 +153,14 @@ class Engine:
         workers = plan.decode_workers
         decode_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedserve-decode")
         decoder = create_decoder(cfg.decode, backbone.device, decode_pool, max_batch=cfg.engine.batch_size)
-        if b.warmup:
-            backbone.warmup((1, min(8, cfg.engine.batch_size)))
         engine = cls(cfg, backbone, decoder, decode_pool)
+        if b.warmup:
+            try:
+                backbone.warmup((1, min(8, cfg.engine.batch_size)))
+                engine.warm_preprocess()
+            except BaseException:
+                engine.close()
+                raise
         logger.info("engine ready: %s", engine.info)
         return engine
 
@@ -151,11 +169,28 @@ class Engine:
         size = self.backbone.spec.input_size
         return size, size
 
+    def warm_preprocess(self) -> int:
+        """Launch the preprocess kernel as this engine's batches will, so Triton compiles it now (see
+        `kernels.preprocess.warmup`); the launches made, 0 where the plain-torch reference runs (the CPU)."""
+        spec = self.backbone.spec
+        with self._streams.use():
+            launches = warm_preprocess(
+                self.backbone.device, self.input_size, policy=self.cfg.decode.resize, pad=self.cfg.decode.pad,
+                mean=spec.mean, std=spec.std,
+            )  # fmt: skip
+        if launches:
+            logger.info("preprocess kernel warmed up: %d launches on %s", launches, self.backbone.device)
+        return launches
+
     def prepare(self, datas: Sequence[bytes | ImageError]) -> PreparedBatch:
         """Decode and preprocess a list of encoded images (any length; failures are kept per image).
 
         An `ImageError` in place of bytes (say, a file that could not be read) passes through as that image's error.
         """
+        with self._streams.use() as stream:
+            return self._prepare(datas, stream)
+
+    def _prepare(self, datas: Sequence[bytes | ImageError], stream: object) -> PreparedBatch:
         to_decode = [i for i, d in enumerate(datas) if not isinstance(d, ImageError)]
         decoded: list[torch.Tensor | ImageError] = list(datas)  # type: ignore[arg-type]  # bytes replaced below
         outs = self._decode([datas[i] for i in to_decode])  # type: ignore[misc]
@@ -175,14 +210,19 @@ class Engine:
         batch = None
         if images:
             spec = self.backbone.spec
-            batch = preprocess_batch(
-                images,
-                self.input_size,
-                policy=self.cfg.decode.resize,
-                pad=self.cfg.decode.pad,
-                mean=spec.mean,
-                std=spec.std,
-            )
+            try:
+                batch = preprocess_batch(
+                    images,
+                    self.input_size,
+                    policy=self.cfg.decode.resize,
+                    pad=self.cfg.decode.pad,
+                    mean=spec.mean,
+                    std=spec.std,
+                )
+            finally:
+                # Before any other thread or stream reads the batch, and while `images` still holds the decoded
+                # tensors (those decoded on other threads' streams must not be reused while the kernel reads them).
+                self._streams.finish(stream)
         return PreparedBatch(size=len(datas), batch=batch, ok_positions=positions, errors=errors)
 
     def pixels(self, data: bytes) -> int:
@@ -221,7 +261,8 @@ class Engine:
             vectors = np.empty((0, self.info.embedding_dim), dtype=np.float32)
             chunk = self.cfg.engine.batch_size
             parts: list[np.ndarray] = []
-            with self._forward_lock:
+            with self._forward_lock, self._streams.use() as stream:
+                self._streams.adopt(prepared.batch, stream)
                 for start in range(0, prepared.batch.shape[0], chunk):
                     features = self.backbone.forward(prepared.batch[start : start + chunk])
                     parts.append(l2_normalize(features, torch.float32).cpu().numpy())

@@ -46,7 +46,9 @@ def failures_file(out: Path) -> Path:
     return out.with_name(out.name + ".failures.csv")
 
 
-_PROVENANCE_KEYS = frozenset({b"embedserve.version", b"embedserve.runtime", b"embedserve.precision"})
+_PROVENANCE_KEYS = frozenset(
+    {b"embedserve.version", b"embedserve.runtime", b"embedserve.precision", b"embedserve.device"}
+)
 
 
 def schema_for(info: ModelInfo) -> pa.Schema:
@@ -59,6 +61,7 @@ def schema_for(info: ModelInfo) -> pa.Schema:
         b"embedserve.version": info.version.encode(),
         b"embedserve.runtime": info.runtime.encode(),
         b"embedserve.precision": info.precision.encode(),
+        b"embedserve.device": info.device.encode(),
     }
     return pa.schema(
         [
@@ -79,7 +82,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
 def _check_compatible(path: Path, schema: pa.Schema) -> None:
     existing = pq.read_schema(path).metadata or {}
     for key, value in (schema.metadata or {}).items():
-        # Version, runtime and precision are provenance: a resumed job may change them (bf16 and float32
+        # Version, runtime, precision and device are provenance: a resumed job may change them (bf16 and float32
         # embeddings agree to cosine >= 0.995), each part file records its own.
         if key in _PROVENANCE_KEYS or not key.startswith(_META_PREFIX):
             continue

@@ -102,7 +102,9 @@ def test_max_concurrent_rpcs_refuses_calls_beyond_the_limit(start_server, spy_en
     with EmbedClient(server.target, retries=False) as client, ThreadPoolExecutor(max_workers=1) as pool:
         client.model_info()
         busy = pool.submit(client.embed, oct_images[:1], timeout=60)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while not spy_engine.run_sizes and time.monotonic() < deadline:  # the call is in its (slow) forward pass
+            time.sleep(0.01)
         with pytest.raises(RemoteError) as refused:
             client.model_info()
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

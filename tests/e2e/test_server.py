@@ -40,7 +40,8 @@ def test_health_serving_and_reflection_lists_every_service(start_server) -> None
             status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    reflection = {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+    assert {SERVICE_NAME, "grpc.health.v1.Health", *reflection} <= services
 
 
 def test_reflection_client_can_call_embed_without_the_proto(start_server, oct_images, reference) -> None:
@@ -150,7 +151,8 @@ def test_corrupt_image_fails_alone(start_server, oct_images, reference) -> None:
         assert not bad.ok and bad.vector is None
         assert isinstance(bad.error, InvalidImageError) and bad.error.reason == "invalid_image"
     with grpc.insecure_channel(server.target) as channel:
-        raw = pb_grpc.EmbedderStub(channel).Embed(pb.EmbedRequest(images=[pb.Image(key="x", data=b"nope")]), timeout=10)
+        request = pb.EmbedRequest(images=[pb.Image(key="x", data=b"nope")])
+        raw = pb_grpc.EmbedderServiceStub(channel).Embed(request, timeout=10)
     assert raw.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "Traceback" not in raw.results[0].error.message
 
@@ -195,7 +197,9 @@ def test_expired_deadline_is_reported_and_its_images_never_run(start_server, spy
         client.model_info()  # connect first
         with ThreadPoolExecutor(max_workers=1) as pool:
             busy = pool.submit(client.embed, oct_images[:6])  # keeps the model busy for more than 0.8 s
-            time.sleep(0.15)
+            deadline = time.monotonic() + 30
+            while not spy_engine.run_sizes and time.monotonic() < deadline:  # its forward pass has started
+                time.sleep(0.01)
             with pytest.raises(RemoteError) as info:
                 client.embed(oct_images[6:8], timeout=0.25)
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -208,7 +212,7 @@ def test_expired_deadline_is_reported_and_its_images_never_run(start_server, spy
 def test_request_limits_and_store(start_server, oct_images) -> None:
     server = start_server(server__max_images_per_request=2)
     with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.EmbedderStub(channel)
+        stub = pb_grpc.EmbedderServiceStub(channel)
         cases = [
             (
                 pb.EmbedRequest(images=[pb.Image(key=str(i), data=b"x") for i in range(3)]),
@@ -254,7 +258,7 @@ def test_token_auth(start_server) -> None:
 def test_metrics_endpoint_has_the_documented_families_and_request_ids(start_server, oct_images) -> None:
     server = start_server(server__metrics_port=0)
     with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.EmbedderStub(channel)
+        stub = pb_grpc.EmbedderServiceStub(channel)
         _, call = stub.Embed.with_call(
             pb.EmbedRequest(images=[pb.Image(key="a", data=oct_images[0][1])]),
             metadata=(("x-request-id", "req-42"),),

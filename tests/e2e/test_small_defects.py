@@ -25,7 +25,7 @@ from service.types import FetchedItems
 from service.wire._proto.embedserve.v1 import embedder_pb2 as pb
 from service.wire._proto.embedserve.v1 import embedder_pb2_grpc as pb_grpc
 
-CLUSTER_SERVICE = "embedserve.v1.Clusterer"
+CLUSTER_SERVICE = "embedserve.v1.ClustererService"
 
 
 @dataclass
@@ -128,10 +128,10 @@ def test_a_real_server_takes_a_lowercase_bearer_and_binds_metrics_to_loopback(st
     assert endpoint is not None and endpoint.host == "127.0.0.1"
     assert endpoint._httpd.server_address[0] == "127.0.0.1"  # the socket itself, not just the config
     with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.EmbedderStub(channel)
+        stub = pb_grpc.EmbedderServiceStub(channel)
         for scheme in ("bearer", "BEARER", "Bearer"):
             info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=(("authorization", f"{scheme} s3cret"),))
-            assert info.embedding_dim > 0
+            assert info.model_info.embedding_dim > 0
         with pytest.raises(grpc.RpcError) as denied:
             stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=(("authorization", "bearer nope"),))
         assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1,4 +1,4 @@
-"""Conversions of `embedserve.v1.Clusterer` messages: Cluster, Probe, Filter and Outliers. See
+"""Conversions of `embedserve.v1.ClustererService` messages: Cluster, Probe, Filter and Outliers. See
 `service.wire.convert` for the naming rules."""
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def cluster_params_to_proto(params: ClusterParams) -> cpb.ClusterParameters:
 def cluster_params_from_proto(request: cpb.ClusterRequest) -> ClusterParams:
     """The ClusterParams a request asks for (ConfigError for a bad value; zero fields take the defaults)."""
     if request.algorithm not in ALGORITHM_NAMES:
-        raise InvalidRequestError(f"unknown algorithm {request.algorithm}; use one of {sorted(ALGORITHM_ENUMS)}")
+        names = ", ".join(cpb.ClusterAlgorithm.Name(value) for value in ALGORITHM_NAMES)
+        raise InvalidRequestError(f"unknown algorithm {request.algorithm}; use one of {names} (UNSPECIFIED is kmeans)")
     p = request.parameters
     values: dict[str, Any] = {
         "algorithm": ALGORITHM_NAMES[request.algorithm],
@@ -220,7 +221,13 @@ def probe_query_to_proto(query: ProbeQuery) -> cpb.ProbeRequest:
 
 
 def probe_query_from_proto(request: cpb.ProbeRequest) -> ProbeQuery:
-    """The probe a request asks for (folds and knn_k 0 mean 5; UNSPECIFIED is logistic regression)."""
+    """The probe a request asks for (folds and knn_k 0 mean 5; UNSPECIFIED is logistic regression);
+    InvalidRequestError for an unknown classifier."""
+    if request.classifier not in cpb.ProbeClassifier.values():
+        names = ", ".join(cpb.ProbeClassifier.keys())
+        raise InvalidRequestError(
+            f"unknown classifier {request.classifier}; use one of {names} (UNSPECIFIED is logreg)"
+        )
     return ProbeQuery(
         collection=request.collection,
         target_attribute=request.target_attribute,

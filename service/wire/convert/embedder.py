@@ -1,5 +1,8 @@
-"""Conversions of `embedserve.v1.Embedder` messages: per-image statuses, Embed, model and collection info, items
-and Neighbors. See `service.wire.convert` for the naming rules."""
+"""Conversions of `embedserve.v1.EmbedderService` messages: per-image statuses, Embed and EmbedStream, model and
+collection info, items and Neighbors. See `service.wire.convert` for the naming rules.
+
+Embed and EmbedStream have their own request and response messages with the same fields; the functions that read
+one read the other too."""
 
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ DTYPES: dict[int, str] = {
     pb.VECTOR_DTYPE_FLOAT32: "<f4",
     pb.VECTOR_DTYPE_FLOAT16: "<f2",
 }
-"""The numpy dtype of each `VectorDType` on the wire."""
+"""The numpy dtype of each `VectorDtype` on the wire (UNSPECIFIED is float32)."""
 _DTYPE_ENUMS: dict[str, int] = {"float32": pb.VECTOR_DTYPE_FLOAT32, "float16": pb.VECTOR_DTYPE_FLOAT16}
 _DTYPE_NAMES: dict[str, VectorDType] = {"<f4": "float32", "<f2": "float16"}
 
@@ -83,10 +86,11 @@ def _set_status(target: pb.ImageStatus, code: int, reason: str, message: str) ->
 
 
 def vector_dtype(enum: int) -> VectorDType:
-    """The name of a wire `VectorDType` (UNSPECIFIED is float32); InvalidRequestError for an unknown value."""
+    """The name of a wire `VectorDtype` (UNSPECIFIED is float32); InvalidRequestError for an unknown value."""
     wire = DTYPES.get(enum)
     if wire is None:
-        raise InvalidRequestError(f"unknown vector_dtype {enum}; use FLOAT32 or FLOAT16")
+        names = ", ".join(pb.VectorDtype.Name(value) for value in DTYPES)
+        raise InvalidRequestError(f"unknown vector_dtype {enum}; use one of {names} (UNSPECIFIED means float32)")
     return _DTYPE_NAMES[wire]
 
 
@@ -94,19 +98,28 @@ def image_to_proto(image: ImageData) -> pb.Image:
     return pb.Image(key=image.key, data=image.data, attributes=image.attributes)
 
 
+def _embed_request_fields(batch: EmbedBatch) -> dict[str, Any]:
+    return {
+        "images": [image_to_proto(image) for image in batch.images],
+        "return_vectors": batch.return_vectors,
+        "vector_dtype": _DTYPE_ENUMS[batch.dtype],
+        "store": batch.store,
+        "collection": batch.collection,
+    }
+
+
 def embed_batch_to_proto(batch: EmbedBatch) -> pb.EmbedRequest:
     """The `EmbedRequest` of a batch."""
-    return pb.EmbedRequest(
-        images=[image_to_proto(image) for image in batch.images],
-        return_vectors=batch.return_vectors,
-        vector_dtype=cast(Any, _DTYPE_ENUMS[batch.dtype]),
-        store=batch.store,
-        collection=batch.collection,
-    )
+    return pb.EmbedRequest(**_embed_request_fields(batch))
 
 
-def embed_batch_from_proto(request: pb.EmbedRequest) -> EmbedBatch:
-    """The batch an `EmbedRequest` asks for (`return_vectors` unset means true)."""
+def embed_batch_to_stream_proto(batch: EmbedBatch) -> pb.EmbedStreamRequest:
+    """The `EmbedStreamRequest` of a batch (one request of an EmbedStream)."""
+    return pb.EmbedStreamRequest(**_embed_request_fields(batch))
+
+
+def embed_batch_from_proto(request: pb.EmbedRequest | pb.EmbedStreamRequest) -> EmbedBatch:
+    """The batch an `EmbedRequest` or `EmbedStreamRequest` asks for (`return_vectors` unset means true)."""
     return EmbedBatch(
         images=[ImageData(image.key, image.data, dict(image.attributes)) for image in request.images],
         dtype=vector_dtype(request.vector_dtype),
@@ -116,21 +129,36 @@ def embed_batch_from_proto(request: pb.EmbedRequest) -> EmbedBatch:
     )
 
 
-def embed_response_to_proto(batch: EmbedBatch, outcomes: Sequence[EmbedOutcome], dim: int) -> pb.EmbedResponse:
-    """One `Result` per image of `batch`, in order: its vector in the batch's dtype (when asked for) or its error."""
+def _add_results(
+    response: pb.EmbedResponse | pb.EmbedStreamResponse, batch: EmbedBatch, outcomes: Sequence[EmbedOutcome], dim: int
+) -> None:
     wire = "<f2" if batch.dtype == "float16" else "<f4"
     dtype = cast(Any, _DTYPE_ENUMS[batch.dtype])
-    response = pb.EmbedResponse()
     for image, outcome in zip(batch.images, outcomes, strict=True):
         result = response.results.add(key=image.key, dim=dim, dtype=dtype)
         if outcome.error is not None:
             _set_status(result.error, *image_status(outcome.error))
         elif batch.return_vectors and outcome.vector is not None:
             result.vector = np.asarray(outcome.vector).astype(wire).tobytes()
+
+
+def embed_response_to_proto(batch: EmbedBatch, outcomes: Sequence[EmbedOutcome], dim: int) -> pb.EmbedResponse:
+    """One `Result` per image of `batch`, in order: its vector in the batch's dtype (when asked for) or its error."""
+    response = pb.EmbedResponse()
+    _add_results(response, batch, outcomes, dim)
     return response
 
 
-def embed_results_from_proto(response: pb.EmbedResponse) -> list[EmbedResult]:
+def embed_stream_response_to_proto(
+    batch: EmbedBatch, outcomes: Sequence[EmbedOutcome], dim: int
+) -> pb.EmbedStreamResponse:
+    """The `EmbedStreamResponse` of one stream request: the `Result`s of `embed_response_to_proto`."""
+    response = pb.EmbedStreamResponse()
+    _add_results(response, batch, outcomes, dim)
+    return response
+
+
+def embed_results_from_proto(response: pb.EmbedResponse | pb.EmbedStreamResponse) -> list[EmbedResult]:
     """`EmbedResult`s of a response, vectors decoded to float32; InvalidRequestError for a vector whose length does
     not match its `dim`."""
     results: list[EmbedResult] = []
@@ -173,21 +201,23 @@ def collection_info_from_proto(info: pb.CollectionInfo) -> CollectionInfo:
     return CollectionInfo(**_same_fields(CollectionInfo, info))
 
 
-def items_pages_to_proto(items: FetchedItems, *, page_size: int, include_vectors: bool) -> Iterator[pb.ItemsPage]:
+def items_pages_to_proto(
+    items: FetchedItems, *, page_size: int, include_vectors: bool
+) -> Iterator[pb.ListItemsResponse]:
     """`ListItems` pages of at most `page_size` items (at least one page, empty for no items)."""
     if page_size <= 0:
         raise InvalidRequestError(f"page_size={page_size} must be positive")
     n = len(items.keys)
     dim = int(items.vectors.shape[1]) if items.vectors.ndim == 2 else 0
     for start in range(0, max(n, 1), page_size):
-        page = pb.ItemsPage(dim=dim)
+        page = pb.ListItemsResponse(dim=dim)
         for row in range(start, min(start + page_size, n)):
             vector = np.asarray(items.vectors[row]).astype("<f4").tobytes() if include_vectors else b""
             page.items.add(key=items.keys[row], vector=vector, attributes=items.attributes[row])
         yield page
 
 
-def items_from_proto(page: pb.ItemsPage) -> FetchedItems:
+def items_from_proto(page: pb.ListItemsResponse) -> FetchedItems:
     """One page of `ListItems` as `FetchedItems` (vectors (n, dim) float32; (n, 0) when not sent)."""
     n = len(page.items)
     with_vectors = n > 0 and all(len(item.vector) == 4 * page.dim for item in page.items)

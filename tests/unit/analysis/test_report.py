@@ -50,7 +50,7 @@ def test_report_has_every_section(oct_parquet: Path, tmp_path: Path) -> None:
     page = out.read_text()
     for section in SECTIONS:
         assert f'<section id="{section}">' in page
-    assert page.count("<svg") == 5  # projection x2, heat map, silhouette curve, k-distance
+    assert page.count("<svg") - page.count('class="icon"') == 5  # projection x2, heat map, sweep, k-distance
     assert page.count("<div class=cl>") == 4  # one exemplar block per cluster
     # Up to 8 thumbnails per cluster, fewer in a cluster of fewer members: every cluster shows all it can.
     assert 16 <= len(re.findall(r'src="data:image/jpeg;base64,', page)) <= 32

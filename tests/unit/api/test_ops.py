@@ -57,11 +57,14 @@ class FakeEngine:
     def __init__(self) -> None:
         self.delay = 0.0
         self.ran = 0
+        self.running = threading.Event()
+        """Set once a forward pass has started: a test that needs the model busy waits for it, not for a sleep."""
 
     def prepare(self, datas: Sequence[bytes | ImageError]) -> PreparedBatch:
         return PreparedBatch(size=len(datas), batch=None, ok_positions=list(range(len(datas))), errors={})
 
     def run(self, prepared: PreparedBatch) -> list[EmbedOutcome]:
+        self.running.set()
         time.sleep(self.delay)
         self.ran += prepared.size
         return [EmbedOutcome(vector=np.array([1, 0, 0, 0], np.float32)) for _ in range(prepared.size)]
@@ -227,7 +230,7 @@ def test_dropped_by_deadline_counts_as_deadline_exceeded(serve) -> None:
         engine.delay = 0.6
         busy = threading.Thread(target=lambda: client.embed([("busy", b"x")]))
         busy.start()
-        time.sleep(0.1)  # the model is busy now: the next request waits in the queue past its deadline
+        assert engine.running.wait(30)  # the model is busy now: the next request waits in the queue past its deadline
         with pytest.raises(RemoteError) as info:
             client.embed([("a", b"x"), ("b", b"y"), ("c", b"z")], timeout=0.2)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -263,7 +266,7 @@ def test_get_model_info_is_unavailable_during_a_drain_like_the_rest(serve) -> No
         engine.delay = 1.5
         busy = threading.Thread(target=lambda: client.embed([("a", b"x")]))
         busy.start()
-        time.sleep(0.2)
+        assert engine.running.wait(30)
         stopping = asyncio.run_coroutine_threadsafe(s.server.stop(5.0), s.loop)
         time.sleep(0.2)
         codes = {}
@@ -357,7 +360,8 @@ def test_gpu_utilisation_comes_from_nvml_where_present(monkeypatch: pytest.Monke
     import sys
     import types
 
-    from service.metrics import Metrics, nvml_utilization_probe
+    from service.devices import nvml_utilization_probe
+    from service.metrics import Metrics
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
     assert nvml_utilization_probe("cuda:0") is None

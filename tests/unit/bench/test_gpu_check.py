@@ -37,6 +37,15 @@ def test_dry_run_runs_every_section_on_the_cpu(tmp_path: Path) -> None:
     assert sections["vision_9606"]["corrupted_ours"] == 0
     assert sections["engine_decode"]["cosine_min"] >= 0.99
     assert sections["cluster"]["kmeans_pp"]["k"] == 20
+    engine = sections["engine_decode"]
+    assert engine["pipelined_cosine_min_vs_sequential"] >= 0.9999 and engine["cuda_streams"] == 0  # no CUDA here
+    assert engine["preprocess_warmup_launches"] == 0  # the reference runs on the CPU: nothing to compile
+    bench = sections["bench_vectors"]
+    names = [row["stage"] for row in bench["stages"]]
+    assert names[0] == "preprocess" and any(n.startswith("kNN graph") for n in names)
+    assert any("k-means" in n for n in names) and any(n.startswith("DBSCAN") for n in names)
+    assert all(row["recall_at_10"] == 1.0 for row in bench["stages"] if row["stage"].startswith("kNN graph"))
+    assert {e["stage"] for e in bench["skipped"]} >= {"kNN graph k=10 / faiss-gpu flat (exact)"}
     log = (out / "gpu_check.log").read_text()
     assert all(f"section {name}: ok" in log or f"section {name}: skipped" in log for name in gpu_check.SECTIONS)
 

@@ -30,13 +30,13 @@ class Flaky:
         self.attempts: list[float] = []
         self.lock = threading.Lock()
 
-    def __call__(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+    def __call__(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.GetModelInfoResponse:
         with self.lock:
             self.attempts.append(time.monotonic())
             failing = len(self.attempts) <= self.failures
         if failing:
             context.abort(self.code, "try again")
-        return pb.ModelInfo(backbone="fake", embedding_dim=4)
+        return pb.GetModelInfoResponse(model_info=pb.ModelInfo(backbone="fake", embedding_dim=4))
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def flaky() -> Iterator[tuple[str, Flaky, health.HealthServicer]]:
     handler = grpc.unary_unary_rpc_method_handler(
         behaviour,
         request_deserializer=pb.GetModelInfoRequest.FromString,
-        response_serializer=pb.ModelInfo.SerializeToString,
+        response_serializer=pb.GetModelInfoResponse.SerializeToString,
     )
     service = EMBEDDER
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {"GetModelInfo": handler})])

@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import descriptor_pool
 
 from service.api.clusterer import SERVICE_NAME as CLUSTER_SERVICE
+from service.api.reflection import SERVICE_NAMES as REFLECTION_SERVICES
 from service.api.server import SERVICE_NAME as EMBED_SERVICE
 from service.metrics import IMAGE_OUTCOMES, STAGES
 from tests.unit.deploy.deploy_files import (
@@ -19,7 +20,7 @@ from tests.unit.deploy.deploy_files import (
     rule_queries,
 )
 
-_SERVICES = (EMBED_SERVICE, CLUSTER_SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+_SERVICES = (EMBED_SERVICE, CLUSTER_SERVICE, "grpc.health.v1.Health", *REFLECTION_SERVICES)
 
 
 def _methods() -> set[str]:

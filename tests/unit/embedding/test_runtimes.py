@@ -206,6 +206,7 @@ def test_engine_reports_runtime_on_the_wire_and_in_parquet(data_dir: Path, oct_f
     meta = schema_for(info).metadata
     assert meta[b"embedserve.runtime"] == b"onnxruntime"
     assert meta[b"embedserve.precision"] == b"float32"
+    assert meta[b"embedserve.device"] == b"cpu"
     assert isinstance(schema_for(info), pa.Schema)
 
 

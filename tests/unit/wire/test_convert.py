@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -82,11 +84,29 @@ def reparse(message: Any) -> Any:
     return type(message).FromString(message.SerializeToString())
 
 
+def assert_names_real_values(message: str, enum: Any, *expected: str) -> None:
+    """Every enum-looking word of an error message is a value of `enum` (as the .proto spells it)."""
+    named = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", message))
+    assert set(expected) <= named, message
+    assert named <= set(enum.keys()), f"{message!r} names {sorted(named - set(enum.keys()))}, not values of the enum"
+
+
+EMBED_REQUESTS = [
+    pytest.param(convert.embed_batch_to_proto, pb.EmbedRequest, id="Embed"),
+    pytest.param(convert.embed_batch_to_stream_proto, pb.EmbedStreamRequest, id="EmbedStream"),
+]
+EMBED_RESPONSES = [
+    pytest.param(convert.embed_response_to_proto, pb.EmbedResponse, id="Embed"),
+    pytest.param(convert.embed_stream_response_to_proto, pb.EmbedStreamResponse, id="EmbedStream"),
+]
+
+
 # -- Embed ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("to_proto", "message_type"), EMBED_REQUESTS)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_embed_batch_round_trip(dtype: str) -> None:
+def test_embed_batch_round_trip(dtype: str, to_proto: Callable[[EmbedBatch], Any], message_type: type) -> None:
     batch = EmbedBatch(
         images=[ImageData("a", b"\xff\xd8jpeg", {"label": "DME", "path": "/x/a.jpeg"}), ImageData("b", b"png", {})],
         dtype=dtype,  # type: ignore[arg-type]
@@ -94,18 +114,40 @@ def test_embed_batch_round_trip(dtype: str) -> None:
         store=True,
         collection="oct",
     )
-    request = reparse(convert.embed_batch_to_proto(batch))
+    request = reparse(to_proto(batch))
+    assert type(request) is message_type
     assert request.vector_dtype == (pb.VECTOR_DTYPE_FLOAT16 if dtype == "float16" else pb.VECTOR_DTYPE_FLOAT32)
     assert [i.data for i in request.images] == [b"\xff\xd8jpeg", b"png"]
     assert_same(convert.embed_batch_from_proto(request), batch)
-    assert convert.embed_batch_to_proto(convert.embed_batch_from_proto(request)) == request
+    assert to_proto(convert.embed_batch_from_proto(request)) == request
 
 
-def test_embed_request_defaults_and_unknown_dtype() -> None:
-    batch = convert.embed_batch_from_proto(pb.EmbedRequest(images=[pb.Image(key="k", data=b"x")]))
+def test_embed_and_stream_requests_are_the_same_on_the_wire() -> None:
+    batch = EmbedBatch(images=[ImageData("a", b"x", {"label": "DME"})], dtype="float16", store=True, collection="c")
+    unary = convert.embed_batch_to_proto(batch).SerializeToString(deterministic=True)
+    assert convert.embed_batch_to_stream_proto(batch).SerializeToString(deterministic=True) == unary
+
+
+@pytest.mark.parametrize(("to_proto", "message_type"), EMBED_REQUESTS)
+def test_embed_request_defaults_and_unknown_dtype(to_proto: Callable[[EmbedBatch], Any], message_type: Any) -> None:
+    batch = convert.embed_batch_from_proto(message_type(images=[pb.Image(key="k", data=b"x")]))
     assert batch.return_vectors is True and batch.dtype == "float32" and not batch.store
-    with pytest.raises(InvalidRequestError, match="vector_dtype"):
-        convert.embed_batch_from_proto(pb.EmbedRequest(vector_dtype=7))  # type: ignore[arg-type]
+    # UNSPECIFIED, sent explicitly or left out, is float32 (the default before the enum had a zero value of its own).
+    unspecified = message_type(vector_dtype=pb.VECTOR_DTYPE_UNSPECIFIED)
+    assert unspecified.SerializeToString() == b""
+    assert convert.embed_batch_from_proto(unspecified).dtype == "float32"
+    with pytest.raises(InvalidRequestError, match="vector_dtype") as caught:
+        convert.embed_batch_from_proto(message_type(vector_dtype=7))
+    assert_names_real_values(str(caught.value), pb.VectorDtype, "VECTOR_DTYPE_FLOAT32", "VECTOR_DTYPE_FLOAT16")
+
+
+def test_a_result_without_dtype_is_float32() -> None:
+    vector = unit(1, 4)[0]
+    response = pb.EmbedResponse(results=[pb.Result(key="k", dim=4, vector=vector.astype("<f4").tobytes())])
+    assert response.results[0].dtype == pb.VECTOR_DTYPE_UNSPECIFIED
+    (result,) = convert.embed_results_from_proto(response)
+    assert result.vector is not None
+    np.testing.assert_array_equal(result.vector, vector)
 
 
 def _outcomes(dim: int) -> tuple[list[str], list[EmbedOutcome]]:
@@ -124,12 +166,14 @@ def _outcomes(dim: int) -> tuple[list[str], list[EmbedOutcome]]:
     return keys, outcomes
 
 
+@pytest.mark.parametrize(("to_proto", "message_type"), EMBED_RESPONSES)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_embed_response_round_trip_with_every_image_error(dtype: str) -> None:
+def test_embed_response_round_trip_with_every_image_error(dtype: str, to_proto: Any, message_type: type) -> None:
     dim = 16
     keys, outcomes = _outcomes(dim)
     batch = EmbedBatch(images=[ImageData(k, b"") for k in keys], dtype=dtype)  # type: ignore[arg-type]
-    response = reparse(convert.embed_response_to_proto(batch, outcomes, dim))
+    response = reparse(to_proto(batch, outcomes, dim))
+    assert type(response) is message_type
     wire = "<f2" if dtype == "float16" else "<f4"
     results = convert.embed_results_from_proto(response)
     assert [r.key for r in results] == keys
@@ -149,7 +193,7 @@ def test_embed_response_round_trip_with_every_image_error(dtype: str) -> None:
             np.testing.assert_array_equal(np.frombuffer(raw.vector, wire), outcome.vector.astype(wire))
     # proto -> domain -> proto: the same message back.
     back = [EmbedOutcome(vector=r.vector, error=r.error) for r in results]
-    assert convert.embed_response_to_proto(batch, back, dim) == response
+    assert to_proto(batch, back, dim) == response
 
 
 def test_embed_response_without_vectors_and_a_truncated_vector() -> None:
@@ -344,8 +388,11 @@ def test_cluster_request_details_turn_on_curves_and_zero_means_default() -> None
     request = convert.cluster_query_to_proto(ClusterQuery(collection="c", include_details=True))
     assert convert.cluster_query_from_proto(request).params.curves is True
     assert convert.cluster_params_from_proto(cpb.ClusterRequest()) == ClusterParams()
-    with pytest.raises(InvalidRequestError, match="algorithm"):
+    unspecified = cpb.ClusterRequest(algorithm=cpb.CLUSTER_ALGORITHM_UNSPECIFIED)
+    assert convert.cluster_params_from_proto(unspecified).algorithm == "kmeans" == ClusterParams().algorithm
+    with pytest.raises(InvalidRequestError, match="algorithm") as caught:
         convert.cluster_params_from_proto(cpb.ClusterRequest(algorithm=42))  # type: ignore[arg-type]
+    assert_names_real_values(str(caught.value), cpb.ClusterAlgorithm, "CLUSTER_ALGORITHM_DBSCAN")
 
 
 def _result(params: ClusterParams, n: int, *, centers: bool, noise: bool, table: bool) -> ClusterResult:
@@ -439,6 +486,11 @@ def test_probe_request_round_trip(query: ProbeQuery) -> None:
 def test_probe_request_defaults() -> None:
     query = convert.probe_query_from_proto(cpb.ProbeRequest(collection="c", target_attribute="label"))
     assert (query.classifier, query.folds, query.knn_k) == ("logreg", 5, 5)
+    unspecified = cpb.ProbeRequest(target_attribute="label", classifier=cpb.PROBE_CLASSIFIER_UNSPECIFIED)
+    assert convert.probe_query_from_proto(unspecified).classifier == "logreg"
+    with pytest.raises(InvalidRequestError, match="classifier") as caught:
+        convert.probe_query_from_proto(cpb.ProbeRequest(target_attribute="label", classifier=9))  # type: ignore[arg-type]
+    assert_names_real_values(str(caught.value), cpb.ProbeClassifier, "PROBE_CLASSIFIER_KNN")
 
 
 def test_probe_response_round_trip() -> None:

@@ -25,8 +25,9 @@ if _version_not_supported:
     )
 
 
-class ClustererStub:
-    """Missing associated documentation comment in .proto file."""
+class ClustererServiceStub:
+    """Clusters, probes, filters and ranks the stored vectors of a collection (see the file comment).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -35,29 +36,30 @@ class ClustererStub:
             channel: A grpc.Channel.
         """
         self.Cluster = channel.unary_unary(
-                '/embedserve.v1.Clusterer/Cluster',
+                '/embedserve.v1.ClustererService/Cluster',
                 request_serializer=embedserve_dot_v1_dot_cluster__pb2.ClusterRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_cluster__pb2.ClusterResponse.FromString,
                 _registered_method=True)
         self.Probe = channel.unary_unary(
-                '/embedserve.v1.Clusterer/Probe',
+                '/embedserve.v1.ClustererService/Probe',
                 request_serializer=embedserve_dot_v1_dot_cluster__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_cluster__pb2.ProbeResponse.FromString,
                 _registered_method=True)
         self.Filter = channel.unary_unary(
-                '/embedserve.v1.Clusterer/Filter',
+                '/embedserve.v1.ClustererService/Filter',
                 request_serializer=embedserve_dot_v1_dot_cluster__pb2.FilterRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_cluster__pb2.FilterResponse.FromString,
                 _registered_method=True)
         self.Outliers = channel.unary_unary(
-                '/embedserve.v1.Clusterer/Outliers',
+                '/embedserve.v1.ClustererService/Outliers',
                 request_serializer=embedserve_dot_v1_dot_cluster__pb2.OutliersRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_cluster__pb2.OutliersResponse.FromString,
                 _registered_method=True)
 
 
-class ClustererServicer:
-    """Missing associated documentation comment in .proto file."""
+class ClustererServiceServicer:
+    """Clusters, probes, filters and ranks the stored vectors of a collection (see the file comment).
+    """
 
     def Cluster(self, request, context):
         """Cluster the vectors of a collection (or of some of its keys).
@@ -88,7 +90,7 @@ class ClustererServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ClustererServicer_to_server(servicer, server):
+def add_ClustererServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Cluster': grpc.unary_unary_rpc_method_handler(
                     servicer.Cluster,
@@ -112,14 +114,15 @@ def add_ClustererServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'embedserve.v1.Clusterer', rpc_method_handlers)
+            'embedserve.v1.ClustererService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('embedserve.v1.Clusterer', rpc_method_handlers)
+    server.add_registered_method_handlers('embedserve.v1.ClustererService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Clusterer:
-    """Missing associated documentation comment in .proto file."""
+class ClustererService:
+    """Clusters, probes, filters and ranks the stored vectors of a collection (see the file comment).
+    """
 
     @staticmethod
     def Cluster(request,
@@ -135,7 +138,7 @@ class Clusterer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Clusterer/Cluster',
+            '/embedserve.v1.ClustererService/Cluster',
             embedserve_dot_v1_dot_cluster__pb2.ClusterRequest.SerializeToString,
             embedserve_dot_v1_dot_cluster__pb2.ClusterResponse.FromString,
             options,
@@ -162,7 +165,7 @@ class Clusterer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Clusterer/Probe',
+            '/embedserve.v1.ClustererService/Probe',
             embedserve_dot_v1_dot_cluster__pb2.ProbeRequest.SerializeToString,
             embedserve_dot_v1_dot_cluster__pb2.ProbeResponse.FromString,
             options,
@@ -189,7 +192,7 @@ class Clusterer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Clusterer/Filter',
+            '/embedserve.v1.ClustererService/Filter',
             embedserve_dot_v1_dot_cluster__pb2.FilterRequest.SerializeToString,
             embedserve_dot_v1_dot_cluster__pb2.FilterResponse.FromString,
             options,
@@ -216,7 +219,7 @@ class Clusterer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Clusterer/Outliers',
+            '/embedserve.v1.ClustererService/Outliers',
             embedserve_dot_v1_dot_cluster__pb2.OutliersRequest.SerializeToString,
             embedserve_dot_v1_dot_cluster__pb2.OutliersResponse.FromString,
             options,

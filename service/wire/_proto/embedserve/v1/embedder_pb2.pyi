@@ -7,14 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class VectorDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class VectorDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    VECTOR_DTYPE_UNSPECIFIED: _ClassVar[VectorDType]
-    VECTOR_DTYPE_FLOAT32: _ClassVar[VectorDType]
-    VECTOR_DTYPE_FLOAT16: _ClassVar[VectorDType]
-VECTOR_DTYPE_UNSPECIFIED: VectorDType
-VECTOR_DTYPE_FLOAT32: VectorDType
-VECTOR_DTYPE_FLOAT16: VectorDType
+    VECTOR_DTYPE_UNSPECIFIED: _ClassVar[VectorDtype]
+    VECTOR_DTYPE_FLOAT32: _ClassVar[VectorDtype]
+    VECTOR_DTYPE_FLOAT16: _ClassVar[VectorDtype]
+VECTOR_DTYPE_UNSPECIFIED: VectorDtype
+VECTOR_DTYPE_FLOAT32: VectorDtype
+VECTOR_DTYPE_FLOAT16: VectorDtype
 
 class Image(_message.Message):
     __slots__ = ("key", "data", "attributes")
@@ -44,8 +44,22 @@ class EmbedRequest(_message.Message):
     return_vectors: bool
     store: bool
     collection: str
-    vector_dtype: VectorDType
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., return_vectors: _Optional[bool] = ..., store: _Optional[bool] = ..., collection: _Optional[str] = ..., vector_dtype: _Optional[_Union[VectorDType, str]] = ...) -> None: ...
+    vector_dtype: VectorDtype
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., return_vectors: _Optional[bool] = ..., store: _Optional[bool] = ..., collection: _Optional[str] = ..., vector_dtype: _Optional[_Union[VectorDtype, str]] = ...) -> None: ...
+
+class EmbedStreamRequest(_message.Message):
+    __slots__ = ("images", "return_vectors", "store", "collection", "vector_dtype")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    return_vectors: bool
+    store: bool
+    collection: str
+    vector_dtype: VectorDtype
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., return_vectors: _Optional[bool] = ..., store: _Optional[bool] = ..., collection: _Optional[str] = ..., vector_dtype: _Optional[_Union[VectorDtype, str]] = ...) -> None: ...
 
 class ImageStatus(_message.Message):
     __slots__ = ("code", "reason", "message")
@@ -67,11 +81,17 @@ class Result(_message.Message):
     key: str
     vector: bytes
     dim: int
-    dtype: VectorDType
+    dtype: VectorDtype
     error: ImageStatus
-    def __init__(self, key: _Optional[str] = ..., vector: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[VectorDType, str]] = ..., error: _Optional[_Union[ImageStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, key: _Optional[str] = ..., vector: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[VectorDtype, str]] = ..., error: _Optional[_Union[ImageStatus, _Mapping]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Result]
+    def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ...) -> None: ...
+
+class EmbedStreamResponse(_message.Message):
     __slots__ = ("results",)
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[Result]
@@ -80,6 +100,12 @@ class EmbedResponse(_message.Message):
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("model_info",)
+    MODEL_INFO_FIELD_NUMBER: _ClassVar[int]
+    model_info: ModelInfo
+    def __init__(self, model_info: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("backbone", "embedding_dim", "input_size", "precision", "device", "decode_backend", "resize", "pad", "version", "runtime")
@@ -205,7 +231,7 @@ class StoredItem(_message.Message):
     attributes: _containers.ScalarMap[str, str]
     def __init__(self, key: _Optional[str] = ..., vector: _Optional[bytes] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
-class ItemsPage(_message.Message):
+class ListItemsResponse(_message.Message):
     __slots__ = ("items", "dim")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +244,12 @@ class GetCollectionInfoRequest(_message.Message):
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     collection: str
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
+
+class GetCollectionInfoResponse(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: CollectionInfo
+    def __init__(self, collection: _Optional[_Union[CollectionInfo, _Mapping]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
     __slots__ = ("name", "dim", "metric", "index_type", "count", "trained", "bytes_on_disk", "search_backend")
@@ -260,6 +292,12 @@ class CreateCollectionRequest(_message.Message):
     metric: str
     index_type: str
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index_type: _Optional[str] = ...) -> None: ...
+
+class CreateCollectionResponse(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: CollectionInfo
+    def __init__(self, collection: _Optional[_Union[CollectionInfo, _Mapping]] = ...) -> None: ...
 
 class DropCollectionRequest(_message.Message):
     __slots__ = ("name",)

@@ -25,8 +25,9 @@ if _version_not_supported:
     )
 
 
-class EmbedderStub:
-    """Missing associated documentation comment in .proto file."""
+class EmbedderServiceStub:
+    """Embeds images and keeps their vectors in named collections that answer nearest-neighbour queries.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -35,59 +36,60 @@ class EmbedderStub:
             channel: A grpc.Channel.
         """
         self.Embed = channel.unary_unary(
-                '/embedserve.v1.Embedder/Embed',
+                '/embedserve.v1.EmbedderService/Embed',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.EmbedStream = channel.stream_stream(
-                '/embedserve.v1.Embedder/EmbedStream',
-                request_serializer=embedserve_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
-                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
+                '/embedserve.v1.EmbedderService/EmbedStream',
+                request_serializer=embedserve_dot_v1_dot_embedder__pb2.EmbedStreamRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.EmbedStreamResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/embedserve.v1.Embedder/GetModelInfo',
+                '/embedserve.v1.EmbedderService/GetModelInfo',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.ModelInfo.FromString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
         self.Neighbors = channel.unary_unary(
-                '/embedserve.v1.Embedder/Neighbors',
+                '/embedserve.v1.EmbedderService/Neighbors',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.NeighborsRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_embedder__pb2.NeighborsResponse.FromString,
                 _registered_method=True)
         self.DeleteItems = channel.unary_unary(
-                '/embedserve.v1.Embedder/DeleteItems',
+                '/embedserve.v1.EmbedderService/DeleteItems',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.DeleteItemsRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_embedder__pb2.DeleteItemsResponse.FromString,
                 _registered_method=True)
         self.ListItems = channel.unary_stream(
-                '/embedserve.v1.Embedder/ListItems',
+                '/embedserve.v1.EmbedderService/ListItems',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.ListItemsRequest.SerializeToString,
-                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.ItemsPage.FromString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.ListItemsResponse.FromString,
                 _registered_method=True)
         self.GetCollectionInfo = channel.unary_unary(
-                '/embedserve.v1.Embedder/GetCollectionInfo',
+                '/embedserve.v1.EmbedderService/GetCollectionInfo',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoRequest.SerializeToString,
-                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.FromString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoResponse.FromString,
                 _registered_method=True)
         self.ListCollections = channel.unary_unary(
-                '/embedserve.v1.Embedder/ListCollections',
+                '/embedserve.v1.EmbedderService/ListCollections',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.ListCollectionsRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_embedder__pb2.ListCollectionsResponse.FromString,
                 _registered_method=True)
         self.CreateCollection = channel.unary_unary(
-                '/embedserve.v1.Embedder/CreateCollection',
+                '/embedserve.v1.EmbedderService/CreateCollection',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.CreateCollectionRequest.SerializeToString,
-                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.FromString,
+                response_deserializer=embedserve_dot_v1_dot_embedder__pb2.CreateCollectionResponse.FromString,
                 _registered_method=True)
         self.DropCollection = channel.unary_unary(
-                '/embedserve.v1.Embedder/DropCollection',
+                '/embedserve.v1.EmbedderService/DropCollection',
                 request_serializer=embedserve_dot_v1_dot_embedder__pb2.DropCollectionRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_embedder__pb2.DropCollectionResponse.FromString,
                 _registered_method=True)
 
 
-class EmbedderServicer:
-    """Missing associated documentation comment in .proto file."""
+class EmbedderServiceServicer:
+    """Embeds images and keeps their vectors in named collections that answer nearest-neighbour queries.
+    """
 
     def Embed(self, request, context):
         """Embed a batch of images. One result per image, in request order.
@@ -161,7 +163,7 @@ class EmbedderServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_EmbedderServicer_to_server(servicer, server):
+def add_EmbedderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -170,13 +172,13 @@ def add_EmbedderServicer_to_server(servicer, server):
             ),
             'EmbedStream': grpc.stream_stream_rpc_method_handler(
                     servicer.EmbedStream,
-                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.EmbedRequest.FromString,
-                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=embedserve_dot_v1_dot_embedder__pb2.EmbedStreamRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.EmbedStreamResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=embedserve_dot_v1_dot_embedder__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.ModelInfo.SerializeToString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.GetModelInfoResponse.SerializeToString,
             ),
             'Neighbors': grpc.unary_unary_rpc_method_handler(
                     servicer.Neighbors,
@@ -191,12 +193,12 @@ def add_EmbedderServicer_to_server(servicer, server):
             'ListItems': grpc.unary_stream_rpc_method_handler(
                     servicer.ListItems,
                     request_deserializer=embedserve_dot_v1_dot_embedder__pb2.ListItemsRequest.FromString,
-                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.ItemsPage.SerializeToString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.ListItemsResponse.SerializeToString,
             ),
             'GetCollectionInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCollectionInfo,
                     request_deserializer=embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoRequest.FromString,
-                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.SerializeToString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoResponse.SerializeToString,
             ),
             'ListCollections': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCollections,
@@ -206,7 +208,7 @@ def add_EmbedderServicer_to_server(servicer, server):
             'CreateCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateCollection,
                     request_deserializer=embedserve_dot_v1_dot_embedder__pb2.CreateCollectionRequest.FromString,
-                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.SerializeToString,
+                    response_serializer=embedserve_dot_v1_dot_embedder__pb2.CreateCollectionResponse.SerializeToString,
             ),
             'DropCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.DropCollection,
@@ -215,14 +217,15 @@ def add_EmbedderServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'embedserve.v1.Embedder', rpc_method_handlers)
+            'embedserve.v1.EmbedderService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('embedserve.v1.Embedder', rpc_method_handlers)
+    server.add_registered_method_handlers('embedserve.v1.EmbedderService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Embedder:
-    """Missing associated documentation comment in .proto file."""
+class EmbedderService:
+    """Embeds images and keeps their vectors in named collections that answer nearest-neighbour queries.
+    """
 
     @staticmethod
     def Embed(request,
@@ -238,7 +241,7 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Embedder/Embed',
+            '/embedserve.v1.EmbedderService/Embed',
             embedserve_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
             embedserve_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
             options,
@@ -265,9 +268,9 @@ class Embedder:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/embedserve.v1.Embedder/EmbedStream',
-            embedserve_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
-            embedserve_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
+            '/embedserve.v1.EmbedderService/EmbedStream',
+            embedserve_dot_v1_dot_embedder__pb2.EmbedStreamRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedder__pb2.EmbedStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -292,9 +295,9 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Embedder/GetModelInfo',
+            '/embedserve.v1.EmbedderService/GetModelInfo',
             embedserve_dot_v1_dot_embedder__pb2.GetModelInfoRequest.SerializeToString,
-            embedserve_dot_v1_dot_embedder__pb2.ModelInfo.FromString,
+            embedserve_dot_v1_dot_embedder__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,7 +322,7 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Embedder/Neighbors',
+            '/embedserve.v1.EmbedderService/Neighbors',
             embedserve_dot_v1_dot_embedder__pb2.NeighborsRequest.SerializeToString,
             embedserve_dot_v1_dot_embedder__pb2.NeighborsResponse.FromString,
             options,
@@ -346,7 +349,7 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Embedder/DeleteItems',
+            '/embedserve.v1.EmbedderService/DeleteItems',
             embedserve_dot_v1_dot_embedder__pb2.DeleteItemsRequest.SerializeToString,
             embedserve_dot_v1_dot_embedder__pb2.DeleteItemsResponse.FromString,
             options,
@@ -373,9 +376,9 @@ class Embedder:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/embedserve.v1.Embedder/ListItems',
+            '/embedserve.v1.EmbedderService/ListItems',
             embedserve_dot_v1_dot_embedder__pb2.ListItemsRequest.SerializeToString,
-            embedserve_dot_v1_dot_embedder__pb2.ItemsPage.FromString,
+            embedserve_dot_v1_dot_embedder__pb2.ListItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -400,9 +403,9 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Embedder/GetCollectionInfo',
+            '/embedserve.v1.EmbedderService/GetCollectionInfo',
             embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoRequest.SerializeToString,
-            embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.FromString,
+            embedserve_dot_v1_dot_embedder__pb2.GetCollectionInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -427,7 +430,7 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Embedder/ListCollections',
+            '/embedserve.v1.EmbedderService/ListCollections',
             embedserve_dot_v1_dot_embedder__pb2.ListCollectionsRequest.SerializeToString,
             embedserve_dot_v1_dot_embedder__pb2.ListCollectionsResponse.FromString,
             options,
@@ -454,9 +457,9 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Embedder/CreateCollection',
+            '/embedserve.v1.EmbedderService/CreateCollection',
             embedserve_dot_v1_dot_embedder__pb2.CreateCollectionRequest.SerializeToString,
-            embedserve_dot_v1_dot_embedder__pb2.CollectionInfo.FromString,
+            embedserve_dot_v1_dot_embedder__pb2.CreateCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -481,7 +484,7 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/embedserve.v1.Embedder/DropCollection',
+            '/embedserve.v1.EmbedderService/DropCollection',
             embedserve_dot_v1_dot_embedder__pb2.DropCollectionRequest.SerializeToString,
             embedserve_dot_v1_dot_embedder__pb2.DropCollectionResponse.FromString,
             options,
