@@ -319,7 +319,7 @@ def bench_runtimes(model: str, datas: list[bytes], batch: int, reps: int, cache_
     from service.config import load_config as _load
     from service.embedding.backbone import Backbone
     from service.embedding.engine import Engine
-    from service.embedding.runtimes import available_cores, available_runtimes, cpu_has_bf16
+    from service.embedding.runtimes import available_cores, available_runtimes, cpu_has_bf16, plan_threads
 
     cfg = _load(env={}, overrides={"backbone.device": "cpu", "backbone.runtime": "torch", "data_dir": str(cache_dir)})
     with Engine.from_config(cfg) as engine:
@@ -337,6 +337,11 @@ def bench_runtimes(model: str, datas: list[bytes], batch: int, reps: int, cache_
             backbone.forward(x)
         return x.shape[0] * reps / (time.perf_counter() - start), out
 
+    def _streams(runtime: str, cores: int) -> int:  # what the engine's thread plan gives this runtime
+        cpu = torch.device("cpu")
+        return plan_threads(budget=cores, decode_workers=0, inference_threads=cores, streams=0, runtime=runtime,
+                            device=cpu).streams  # fmt: skip
+
     combos = [(r, p) for r in available_runtimes() for p in ("float32", "bfloat16")]
     combos = [(r, p) for r, p in combos if p == "float32" or (cpu_has_bf16() and r != "onnxruntime")]
     stages: list[Stage] = []
@@ -349,7 +354,7 @@ def bench_runtimes(model: str, datas: list[bytes], batch: int, reps: int, cache_
                 with _measure(stage):
                     backbone = Backbone.create(
                         model, device="cpu", runtime=runtime, cpu_precision=precision,
-                        threads=cores, streams=max(1, cores // 2), cache_dir=cache_dir / "model-cache",
+                        threads=cores, streams=_streams(runtime, cores), cache_dir=cache_dir / "model-cache",
                     )  # fmt: skip
                     stage.value, out = rate(backbone)
             except Exception as e:  # a runtime that does not work here is reported, not fatal

@@ -81,9 +81,10 @@ class BackboneConfig:
     """Precision on the CPU: `auto` = bfloat16 where the CPU has AMX or AVX512-BF16 (onnxruntime: float32),
     float32 otherwise. bf16 keeps every embedding within cosine 0.995 of float32 (tested on real OCT scans)."""
     threads: int = 0
-    """CPU threads of the forward pass; 0 = what the thread budget (`engine.cpu_threads`) leaves after decode."""
+    """CPU threads of the forward pass; 0 = automatic from the thread budget (`engine.cpu_threads`): all of it for
+    OpenVINO (the decode workers run beside its threads), what decode leaves for torch and ONNX Runtime."""
     streams: int = 0
-    """OpenVINO streams, one asynchronous request in flight each; 0 = one per two inference threads."""
+    """OpenVINO streams, one asynchronous request in flight each; 0 = one per two inference threads, at least two."""
     channels_last: bool = True
     """Use channels_last memory format on CUDA and with bf16 on the CPU (faster convolutions)."""
     optimize: Optimize = "auto"
@@ -166,8 +167,9 @@ class EngineConfig:
     prefetch_batches: int = 2
     """Batches decoded ahead of the forward pass (bounds memory held by decoded images)."""
     cpu_threads: int = 0
-    """The CPU thread budget that decode workers and inference share (they never exceed it together);
-    0 = the cores this process may use."""
+    """The CPU cores that decode workers and inference share; 0 = the cores this process may use. OpenVINO's
+    inference threads take all of them and the decode workers run beside (its threads sleep while they wait);
+    torch's and ONNX Runtime's spin, so for them decode workers + inference threads never exceed it."""
 
     def __post_init__(self) -> None:
         if self.cpu_threads < 0:

@@ -2,7 +2,7 @@
 
 `backbone.runtime = auto` picks OpenVINO on an x86 CPU and torch on CUDA (and on CPUs OpenVINO does not serve);
 `backbone.cpu_precision = auto` picks bfloat16 where the CPU has AMX or AVX512-BF16, float32 otherwise.
-`plan_threads` splits one CPU thread budget between decode workers and inference so they never oversubscribe.
+`plan_threads` splits one CPU thread budget between decode workers and inference (how depends on the runtime).
 """
 
 from __future__ import annotations
@@ -140,40 +140,55 @@ class ThreadPlan:
 def plan_threads(
     *, budget: int, decode_workers: int, inference_threads: int, streams: int, runtime: str, device: torch.device
 ) -> ThreadPlan:
-    """Split `budget` cores (0 = all available) so that decode workers + inference threads <= cores.
+    """Split `budget` cores (0 = all available) between decode workers and inference.
 
-    Zeros mean automatic: on the CPU a quarter of the budget decodes (at least one thread; a gray OCT scan decodes
-    at reduced scale ~4x faster than Lite0 embeds it) and inference takes the rest; on CUDA every core decodes.
-    Explicit counts that add up to more than the budget are a `ConfigError`; decode workers that take every core
-    leave inference one thread, with a warning.
+    Zeros mean automatic. On CUDA every core decodes. On the CPU a quarter of the budget decodes (at least one
+    thread) and how the rest is shared depends on the runtime:
+    - OpenVINO's threads sleep while a request waits for its input, so the decode workers run beside them: inference
+      takes every core of the budget and decoding fills the gaps between its requests (on 2 cores, 1 decode worker
+      beside 2 single-thread streams embeds 194 images/s where 1 + 1 threads embed 149, with `sys` time 15 % of
+      the CPU time; docs/benchmarks.md). Each count is at most the budget.
+    - torch's and ONNX Runtime's threads spin between operators, so decode workers + inference threads <= cores;
+      decode workers that take every core leave inference one thread, with a warning.
+    Explicit counts beyond those limits are a `ConfigError`.
     """
     cores = budget or available_cores()
     if device.type == "cuda":
         return ThreadPlan(cores, decode_workers or cores, 0, 1)
-    if decode_workers and inference_threads and decode_workers + inference_threads > cores:
-        raise ConfigError(
-            f"decode.workers={decode_workers} + backbone.threads={inference_threads} is more than the "
-            f"{cores} cores of engine.cpu_threads; lower one of them or raise engine.cpu_threads"
-        )
     if cores < 2:
         logger.warning("a thread budget of %d core cannot be split: decode and inference get one thread each", cores)
         return ThreadPlan(cores, decode_workers or 1, inference_threads or 1, streams or 1)
-    if not decode_workers:
-        decode_workers = max(1, cores - inference_threads) if inference_threads else max(1, round(cores / 4))
-    if not inference_threads:
-        inference_threads = cores - decode_workers
-        if inference_threads < 1:
-            logger.warning(
-                "decode.workers=%d leaves no core of the %d of engine.cpu_threads for inference; it gets one thread "
-                "anyway (oversubscribed): lower decode.workers",
-                decode_workers,
-                cores,
+    if runtime == "openvino":
+        for name, count in (("decode.workers", decode_workers), ("backbone.threads", inference_threads)):
+            if count > cores:
+                raise ConfigError(
+                    f"{name}={count} is more than the {cores} cores of engine.cpu_threads; lower it or raise "
+                    "engine.cpu_threads"
+                )
+        decode_workers = decode_workers or max(1, round(cores / 4))
+        inference_threads = inference_threads or cores
+        # One stream per two threads, but at least two streams: two single-thread requests keep two cores busier
+        # than one two-thread request (measured on 2 cores: 194 against 147 images/s end to end).
+        streams = streams or max(min(2, inference_threads), inference_threads // 2)
+    else:
+        if decode_workers and inference_threads and decode_workers + inference_threads > cores:
+            raise ConfigError(
+                f"decode.workers={decode_workers} + backbone.threads={inference_threads} is more than the "
+                f"{cores} cores of engine.cpu_threads; lower one of them or raise engine.cpu_threads"
             )
-            inference_threads = 1
-    if runtime != "openvino":
+        if not decode_workers:
+            decode_workers = max(1, cores - inference_threads) if inference_threads else max(1, round(cores / 4))
+        if not inference_threads:
+            inference_threads = cores - decode_workers
+            if inference_threads < 1:
+                logger.warning(
+                    "decode.workers=%d leaves no core of the %d of engine.cpu_threads for inference; it gets one "
+                    "thread anyway (oversubscribed): lower decode.workers",
+                    decode_workers,
+                    cores,
+                )
+                inference_threads = 1
         streams = 1
-    elif not streams:
-        streams = max(1, inference_threads // 2)
     if streams > inference_threads:
         raise ConfigError(
             f"backbone.streams={streams} is more than backbone.threads={inference_threads}; each stream needs a thread"

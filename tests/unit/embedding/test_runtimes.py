@@ -175,25 +175,37 @@ def test_auto_runtime_and_precision() -> None:
 
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16, 64])
-def test_thread_plan_never_oversubscribes(cores: int) -> None:
-    plan = plan_threads(budget=cores, decode_workers=0, inference_threads=0, streams=0, runtime="openvino", device=CPU)
+@pytest.mark.parametrize("runtime", ["openvino", "torch", "onnxruntime"])
+def test_thread_plan_fits_the_budget(cores: int, runtime: str) -> None:
+    plan = plan_threads(budget=cores, decode_workers=0, inference_threads=0, streams=0, runtime=runtime, device=CPU)
     assert plan.decode_workers >= 1 and plan.inference_threads >= 1
-    assert plan.decode_workers + plan.inference_threads <= max(cores, 2)
     assert 1 <= plan.streams <= plan.inference_threads
-    if cores >= 2:
-        assert plan.decode_workers + plan.inference_threads == cores
+    if cores < 2:
+        assert (plan.decode_workers, plan.inference_threads) == (1, 1)
+    elif runtime == "openvino":  # its threads sleep while they wait: decode runs beside inference, on every core
+        assert plan.inference_threads == cores and 1 <= plan.decode_workers <= max(1, cores // 4 + 1)
+        assert plan.streams == max(2, cores // 2)
+    else:  # spinning threads: decode + inference never more than the cores
+        assert plan.decode_workers + plan.inference_threads == cores and plan.streams == 1
 
 
 def test_thread_plan_honours_and_checks_explicit_counts() -> None:
     kw = {"runtime": "openvino", "device": CPU}
-    assert plan_threads(budget=8, decode_workers=3, inference_threads=0, streams=0, **kw) == ThreadPlan(8, 3, 5, 2)
+    assert plan_threads(budget=8, decode_workers=3, inference_threads=0, streams=0, **kw) == ThreadPlan(8, 3, 8, 4)
     assert plan_threads(budget=8, decode_workers=0, inference_threads=6, streams=3, **kw) == ThreadPlan(8, 2, 6, 3)
-    with pytest.raises(ConfigError, match="more than the 4 cores"):
-        plan_threads(budget=4, decode_workers=2, inference_threads=3, streams=0, **kw)
+    assert plan_threads(budget=2, decode_workers=1, inference_threads=2, streams=0, **kw) == ThreadPlan(2, 1, 2, 2)
+    with pytest.raises(ConfigError, match=r"backbone\.threads=5 is more than the 4 cores"):
+        plan_threads(budget=4, decode_workers=2, inference_threads=5, streams=0, **kw)
+    with pytest.raises(ConfigError, match=r"decode\.workers=3 is more than the 2 cores"):
+        plan_threads(budget=2, decode_workers=3, inference_threads=0, streams=0, **kw)
     with pytest.raises(ConfigError, match="each stream needs a thread"):
         plan_threads(budget=4, decode_workers=2, inference_threads=2, streams=3, **kw)
+    torch_kw = {"runtime": "torch", "device": CPU}
+    with pytest.raises(ConfigError, match="more than the 4 cores"):
+        plan_threads(budget=4, decode_workers=2, inference_threads=3, streams=0, **torch_kw)
     # Decode workers asked for every core: inference still gets one thread (with a warning), never zero.
-    assert plan_threads(budget=2, decode_workers=2, inference_threads=0, streams=0, **kw) == ThreadPlan(2, 2, 1, 1)
+    oversubscribed = plan_threads(budget=2, decode_workers=2, inference_threads=0, streams=0, **torch_kw)
+    assert oversubscribed == ThreadPlan(2, 2, 1, 1)
     onnx = plan_threads(budget=4, decode_workers=0, inference_threads=0, streams=4, runtime="onnxruntime", device=CPU)
     assert onnx.streams == 1
 
