@@ -126,8 +126,8 @@ class EmbedderServicer(pb_grpc.EmbedderServiceServicer):
         finally:
             drain.cancel()
             if not read.done():
-                read.cancel()
-        if read.cancelled():
+                read.cancel()  # only asks: the read is not done (nor cancelled) until the loop runs it again
+        if not read.done() or read.cancelled():  # the drain came first
             raise EngineUnavailableError(DRAIN_MESSAGE)
         try:
             return read.result()
