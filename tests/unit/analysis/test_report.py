@@ -2,45 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from service.analysis.report import SECTIONS
 from service.cli import analysis as cli_cluster
+from tests.unit.analysis.sample_files import oct_table, run
 
 
 @pytest.fixture(scope="module")
 def oct_parquet(tmp_path_factory: pytest.TempPathFactory, oct_embeddings: np.ndarray, oct_files: list[Path]) -> Path:
     """What `embedserve embed tests/data/oct-sample --out oct.parquet` writes."""
     path = tmp_path_factory.mktemp("oct") / "oct.parquet"
-    table = pa.table(
-        {
-            "key": [f"{f.parent.name}/{f.name}" for f in oct_files],
-            "path": [str(f.resolve()) for f in oct_files],
-            "label": [f.parent.name for f in oct_files],
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(oct_embeddings.astype(np.float32).ravel()), oct_embeddings.shape[1]
-            ),
-        }
-    )
+    table = oct_table(oct_embeddings, oct_files)
     pq.write_table(table, path)
     return path
-
-
-def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="embedserve")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=argparse.SUPPRESS)
-    cli_cluster.register(parser.add_subparsers(dest="command", required=True), common)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
 
 
 def test_report_has_every_section(oct_parquet: Path, tmp_path: Path) -> None:

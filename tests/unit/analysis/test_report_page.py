@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from scipy.optimize import linear_sum_assignment
@@ -32,6 +31,7 @@ from service.analysis.report_plots import CLUSTER_COLOURS, LABEL_PALETTE, cluste
 from service.cli import analysis as cli_analysis
 from service.client import RemoteError
 from service.types import Contingency, ModelInfo
+from tests.unit.analysis.sample_files import oct_table, run
 
 META = {
     b"embedserve.model": b"efficientnet_lite0",
@@ -113,27 +113,9 @@ def parse(page: str) -> Node:
 def oct_file(tmp_path_factory: pytest.TempPathFactory, oct_embeddings: np.ndarray, oct_files: list[Path]) -> Path:
     """What `embedserve embed tests/data/oct-sample --out oct.parquet` writes, model metadata included."""
     path = tmp_path_factory.mktemp("oct") / "oct.parquet"
-    table = pa.table(
-        {
-            "key": [f"{f.parent.name}/{f.name}" for f in oct_files],
-            "path": [str(f.resolve()) for f in oct_files],
-            "label": [f.parent.name for f in oct_files],
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(oct_embeddings.astype(np.float32).ravel()), oct_embeddings.shape[1]
-            ),
-        }
-    )
+    table = oct_table(oct_embeddings, oct_files)
     pq.write_table(table.replace_schema_metadata(META), path)
     return path
-
-
-def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="embedserve")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=argparse.SUPPRESS)
-    cli_analysis.register(parser.add_subparsers(dest="command", required=True), common)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
 
 
 @dataclass
